@@ -1,0 +1,39 @@
+# Herd: `make run` serves the default model, `make test` runs every test.
+# Both install what they need into .venv on a fresh Debian/Ubuntu machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# The CUDA build of torch 2.14.1 runs on the CPU too and is the one beside which
+# torchvision (needed by transformers' Llama 4 image processor, the test reference) imports.
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-fast clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install $(TORCH_PIN)
+	$(PIP) install -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+DEMO_MODEL := checkpoints/small-scout
+
+$(DEMO_MODEL)/config.json: | $(STAMP)
+	$(VENV)/bin/herd synth --preset small-scout --out $(DEMO_MODEL)
+
+run: $(STAMP) $(DEMO_MODEL)/config.json
+	@echo "synthetic demo checkpoint ready in $(DEMO_MODEL)"
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Herd cluster package."""

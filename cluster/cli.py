@@ -1,0 +1,77 @@
+"""The `herd` command line. Each subcommand lives in a small function; heavy imports happen
+inside them so `herd --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    from model.presets import PRESETS
+
+    p = sub.add_parser(
+        "synth",
+        help="write a synthetic Llama 4 checkpoint in the Hugging Face layout",
+        description="Write random weights of a named model shape, with config.json, tokenizer.json "
+        "(byte-level BPE + every Llama 4 special token) and safetensors shards, exactly as a "
+        "Hugging Face Llama 4 checkpoint is laid out. Deterministic for a seed.",
+    )
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="model shape")
+    p.add_argument("--out", required=True, help="directory to write (created if missing)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--num-layers", type=int, help="shorten the decoder to N layers (keeps the layer pattern)")
+    p.add_argument("--vocab-size", type=int, help="pad the vocabulary to N rows (e.g. 202048 as in Scout)")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype (default bfloat16)")
+    p.add_argument("--device", default="cpu", help="where to generate the weights, e.g. cuda (default cpu)")
+    p.add_argument("--max-shard-gib", type=float, default=4.0, help="split weights into shards of at most this size")
+    p.set_defaults(func=_synth)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.synth import synthesize
+
+    cfg = synthesize(
+        args.out, args.preset, seed=args.seed, num_layers=args.num_layers, vocab_size=args.vocab_size,
+        dtype=getattr(torch, args.dtype), device=args.device, max_shard_bytes=int(args.max_shard_gib * 2**30),
+        progress=True,
+    )
+    t = cfg.text
+    print(f"wrote {args.preset} to {args.out}: {t.num_hidden_layers} layers, hidden {t.hidden_size}, "
+          f"{t.num_local_experts} experts, vocab {t.vocab_size}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="herd",
+        description="Herd: serve Llama 4-class MoE multimodal models on Ray.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_synth(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except Exception as e:  # noqa: BLE001 -- the CLI's last line of defence: a message, not a trace
+        from model.errors import HerdModelError
+
+        if isinstance(e, (HerdModelError, ValueError, OSError)) and not args.verbose:
+            print(f"herd {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Checkpoint I/O in the Hugging Face layout: `config.json` plus one `model.safetensors` or several
+shards with `model.safetensors.index.json`.
+
+The model is built on the `meta` device and filled tensor by tensor from memory-mapped files
+(`load_state_dict(assign=True)`: no double copies). An expert shard passes `experts=range(a, b)`
+and reads only rows `a..b` of every stacked expert tensor; the other experts never leave the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from model.config import Llama4Config
+from model.errors import CheckpointError
+from model.llama4 import Llama4
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_STACKED_EXPERTS = (".feed_forward.experts.gate_up_proj", ".feed_forward.experts.down_proj")
+
+
+def tensor_files(path: Path) -> dict[str, Path]:
+    """Map every tensor name in the checkpoint at `path` to the file that holds it."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index (no 'weight_map'): {e}") from e
+        return {name: path / file for name, file in weight_map.items()}
+    files = [path / SINGLE_FILE] if (path / SINGLE_FILE).is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} holds no *.safetensors weights (expected {SINGLE_FILE} or {INDEX_FILE})")
+    names: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            names.update({name: file for name in f.keys()})
+    return names
+
+
+def load(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    experts: range | None = None,
+    progress: bool | None = None,
+) -> Llama4:
+    """Load a Llama 4 checkpoint directory into a `Llama4` in `dtype` on `device`.
+
+    `experts`: keep only these routed experts (an expert shard's slice); `progress`: show a
+    progress bar (None: only on a terminal). Raises `ConfigError` / `CheckpointError` naming the
+    file or tensor that is wrong."""
+    path = Path(path)
+    cfg = Llama4Config.from_dir(path)
+    if experts is not None and not (0 <= experts.start < experts.stop <= cfg.text.num_local_experts and experts.step == 1):
+        raise CheckpointError(f"expert range {experts} is not a contiguous slice of 0..{cfg.text.num_local_experts}")
+    with torch.device("meta"):
+        model = Llama4(cfg, experts)
+    start = time.perf_counter()
+    state = _read_state(path, model, device, dtype, experts, progress)
+    model.load_state_dict(state, assign=True, strict=True)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    log.info("loaded %s: %d tensors, %.2f GiB in %.1f s", path, len(state), nbytes / 2**30, time.perf_counter() - start)
+    return model.eval().requires_grad_(False)
+
+
+def _read_state(path, model, device, dtype, experts, progress) -> dict[str, torch.Tensor]:
+    files = tensor_files(path)
+    prefix = "" if any(n.startswith("language_model.") for n in files) else "language_model."
+    expected = {name: tuple(p.shape) for name, p in model.state_dict(keep_vars=True).items()}
+    state: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), "pt")) for f in set(files.values())}
+        bar = tqdm(expected.items(), desc=f"loading {path.name}", unit="tensor", disable=_bar_disabled(progress))
+        for name, shape in bar:
+            key = name if name in files else name.removeprefix(prefix)
+            if key not in files:
+                raise CheckpointError(f"{path}: tensor {name!r} is missing (expected shape {list(shape)})")
+            state[name] = _read_tensor(handles[files[key]], key, shape, experts, path)
+            state[name] = state[name].to(device=device, dtype=dtype)
+    return state
+
+
+def _bar_disabled(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress  # tqdm: None = only on a terminal
+
+
+def _read_tensor(handle, key: str, shape: tuple[int, ...], experts: range | None, path: Path) -> torch.Tensor:
+    sliced = experts is not None and key.endswith(_STACKED_EXPERTS)
+    view = handle.get_slice(key)
+    stored = tuple(view.get_shape())
+    full = (stored[0],) + shape[1:] if sliced else shape
+    if stored != full:
+        raise CheckpointError(f"{path}: tensor {key!r} has shape {list(stored)}, the config expects {list(full)}")
+    return view[experts.start : experts.stop] if sliced else view[:]

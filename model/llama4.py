@@ -1,0 +1,103 @@
+"""`Llama4`: the whole model (vision tower + projector + text decoder) with a whole-sequence,
+cache-free forward. It is the numerical reference the engine is tested against, and the holder of
+the weights the engine runs."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from model.config import Llama4Config
+from model.errors import InvalidInputError
+from model.rope import text_freqs_cis, text_inv_freq
+from model.text import TextModel, causal_masks
+from model.vision import Projector, VisionModel
+
+
+class Llama4(nn.Module):
+    """`experts`: keep only this range of routed expert ids in every MoE layer (None: all)."""
+
+    def __init__(self, cfg: Llama4Config, experts: range | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.language_model = TextModel(cfg.text, experts)
+        if cfg.vision is not None:
+            self.vision_model = VisionModel(cfg.vision)
+            self.multi_modal_projector = Projector(cfg.vision.vision_output_dim, cfg.text.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.lm_head.weight.dtype
+
+    # ---- inputs ---------------------------------------------------------------------------
+    def check_token_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Validate a 1D id tensor: non-empty, integral, every id in `[0, vocab_size)`."""
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise InvalidInputError(f"input_ids must be a non-empty 1D sequence, got shape {tuple(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise InvalidInputError(f"input_ids must be integers, got {ids.dtype}")
+        vocab = self.cfg.text.vocab_size
+        bad = (ids < 0) | (ids >= vocab)
+        if bad.any():
+            pos = int(bad.nonzero()[0])
+            raise InvalidInputError(f"token id {int(ids[pos])} at position {pos} is outside the vocabulary [0, {vocab})")
+        return ids.to(device=self.device, dtype=torch.long)
+
+    def preprocess_images(self, images: Sequence) -> torch.Tensor:
+        """PIL images -> all their tiles `[N, 3, S, S]`, in order (each image's local tiles, then its global tile)."""
+        from model.image import ImageProcessor
+
+        if self.cfg.vision is None:
+            raise InvalidInputError("this checkpoint has no vision tower: it cannot take images")
+        processor = ImageProcessor.from_vision_config(self.cfg.vision)
+        return torch.cat([processor.preprocess(img).pixel_values for img in images])
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles `[N, 3, S, S]` -> text-width embeddings `[N * tokens_per_tile, hidden]`."""
+        if self.cfg.vision is None:
+            raise InvalidInputError("this checkpoint has no vision tower: it cannot take images")
+        features = self.vision_model(pixel_values.to(self.device))  # [N, tokens, vision_out]
+        return self.multi_modal_projector(features.flatten(0, 1))
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings `[T, hidden]`, with `image_embeds` rows replacing the `<|patch|>` positions in order."""
+        x = self.language_model.model.embed_tokens(input_ids)
+        patch = input_ids == self.cfg.image_token_index
+        num_patch = int(patch.sum())
+        num_embeds = 0 if image_embeds is None else image_embeds.shape[0]
+        if num_patch != num_embeds:
+            raise InvalidInputError(
+                f"the prompt has {num_patch} <|patch|> tokens but the images give {num_embeds} embeddings: "
+                "expand each image's placeholder with model.prompt.expand_image_tokens"
+            )
+        if num_patch:
+            x = x.masked_scatter(patch[:, None], image_embeds.to(x.dtype))
+        return x
+
+    # ---- forward --------------------------------------------------------------------------
+    def decode(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Run the decoder on embeddings `[T, hidden]` at absolute `positions`; returns logits `[T, vocab]`."""
+        text = self.language_model
+        freqs_cis = text_freqs_cis(text_inv_freq(text.cfg, x.device), positions)
+        masks = causal_masks(text.cfg, positions)
+        for i, layer in enumerate(text.model.layers):
+            x = layer(x, positions, freqs_cis, masks[text.cfg.is_chunked(i)])
+        return text.lm_head(text.model.norm(x))
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor | Sequence[int], images: Sequence | None = None) -> torch.Tensor:
+        """Whole-sequence forward, no cache. `input_ids` already expanded (each image's
+        `<|image_start|> ... <|patch|> ... <|image_end|>` run laid out as the Llama 4 processor
+        does); `images` the PIL images in order, tiled and encoded here. Returns `[T, vocab]` fp32."""
+        ids = self.check_token_ids(torch.as_tensor(input_ids))
+        image_embeds = self.encode_images(self.preprocess_images(images)) if images else None
+        x = self.embed(ids, image_embeds)
+        positions = torch.arange(ids.shape[0], device=self.device)
+        return self.decode(x, positions).float()

@@ -1,0 +1,87 @@
+"""Llama 4 feed-forward layers: the dense SwiGLU MLP, and the MoE layer (router -> top-k ->
+sigmoid of the chosen logits, which scales the expert *input*; plus an always-on shared expert;
+no renormalization).
+
+`MoE` is split so the engine can send work elsewhere: `route` picks experts, `Experts` runs any
+subset of the routed experts (an expert shard holds a slice), `shared_expert` is a plain MLP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import TextConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Used for dense layers and the shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """Routed experts `first_expert .. first_expert + num_experts - 1`, stored as in the checkpoint:
+    `gate_up_proj` `[E, hidden, 2 * inter]` (gate columns first), `down_proj` `[E, inter, hidden]`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, first_expert: int = 0):
+        super().__init__()
+        self.first_expert = first_expert
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Sum over the k choices of expert(score * x) for `x` `[T, hidden]`, `expert_ids` and
+        `scores` `[T, k]` (global expert ids; choices owned by another shard contribute zero)."""
+        out = torch.zeros_like(x)
+        local = expert_ids - self.first_expert  # [T, k]
+        owned = (local >= 0) & (local < self.num_experts)
+        token_idx, choice_idx = owned.nonzero(as_tuple=True)
+        if token_idx.numel() == 0:
+            return out
+        experts = local[token_idx, choice_idx]
+        order = torch.argsort(experts, stable=True)
+        token_idx, choice_idx, experts = token_idx[order], choice_idx[order], experts[order]
+        inputs = x[token_idx] * scores[token_idx, choice_idx, None].to(x.dtype)  # [N, hidden]
+        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
+        results = torch.cat([
+            self._expert(e, chunk) for e, chunk in enumerate(inputs.split(counts)) if counts[e]
+        ])
+        return out.index_add_(0, token_idx, results)
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (x @ self.gate_up_proj[e]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.down_proj[e]
+
+
+class Router(nn.Linear):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+        super().__init__(hidden_size, num_experts, bias=False)
+        self.top_k = top_k
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ids `[T, k]` (int64) and their scores `[T, k]` = sigmoid(chosen logits) in fp32."""
+        logits = self(x)  # [T, E]
+        top_logits, top_ids = torch.topk(logits, self.top_k, dim=-1)
+        return top_ids, torch.sigmoid(top_logits.float())
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: TextConfig, experts: nn.Module):
+        super().__init__()
+        self.router = Router(cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok)
+        self.experts = experts
+        self.shared_expert = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expert_ids, scores = self.router.route(x)
+        return self.shared_expert(x) + self.experts(x, expert_ids, scores)

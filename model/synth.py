@@ -1,0 +1,128 @@
+"""Synthetic checkpoints in the exact Hugging Face Llama 4 layout (config.json, safetensors shards
+with an index, tokenizer.json + tokenizer_config.json, generation_config.json).
+
+Weights are random but well-conditioned: projections scaled by 1/sqrt(fan_in) so activations stay
+O(1) and a random model still has distinct logits and decisive routing (greedy decoding is stable
+under float reordering); norms near 1. Deterministic for a seed, on any device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from model.checkpoint import INDEX_FILE, SINGLE_FILE
+from model.config import Llama4Config
+from model.llama4 import Llama4
+from model.presets import SpecialIds, preset
+from model.tokenizer import write_synthetic_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def synthesize(
+    out: str | Path,
+    preset_name: str,
+    *,
+    seed: int = 0,
+    num_layers: int | None = None,
+    vocab_size: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    max_shard_bytes: int = 4 * 2**30,
+    progress: bool | None = None,
+) -> Llama4Config:
+    """Write a synthetic checkpoint of preset `preset_name` to `out` and return its config.
+
+    `vocab_size` pads the embedding beyond the tokenizer (as real checkpoints do); `num_layers`
+    shortens the decoder; `max_shard_bytes` splits the weights into shards with an index."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = write_synthetic_tokenizer(out, seed=seed)
+    ids = SpecialIds.from_tokenizer(tok)
+    if vocab_size is not None:
+        if vocab_size < ids.vocab_size:
+            raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {ids.vocab_size}")
+        ids = replace(ids, vocab_size=vocab_size)
+    cfg = preset(preset_name, ids, num_layers=num_layers)
+    cfg.save(out, dtype=str(dtype).removeprefix("torch."))
+    _write_generation_config(out, cfg)
+    _write_weights(out, cfg, seed, dtype, torch.device(device), max_shard_bytes, progress)
+    log.info("wrote synthetic %s checkpoint to %s", preset_name, out)
+    return cfg
+
+
+def _write_generation_config(out: Path, cfg: Llama4Config) -> None:
+    gen = {"bos_token_id": cfg.text.bos_token_id, "eos_token_id": list(cfg.text.eos_token_id),
+           "pad_token_id": cfg.text.pad_token_id, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """A random tensor for parameter `name`, scaled for its role."""
+    def normal(std: float) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=device) * std
+
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "bias":
+        return normal(0.02)
+    if "norm" in name:  # RMSNorm / LayerNorm weights
+        return 1.0 + normal(0.1)
+    if name.endswith("embed_tokens.weight"):
+        return normal(1.0)
+    if name.endswith(("class_embedding", "positional_embedding_vlm")):
+        return normal(shape[-1] ** -0.5)
+    if name.endswith("router.weight"):
+        return normal(4.0 * shape[-1] ** -0.5)  # decisive top-k choices
+    fan_in = shape[-2] if leaf in ("gate_up_proj", "down_proj") and len(shape) == 3 else shape[-1]
+    return normal(fan_in**-0.5)
+
+
+def _write_weights(out, cfg, seed, dtype, device, max_shard_bytes, progress) -> None:
+    """Generate tensor by tensor and flush each shard as soon as it is full (bounded host memory)."""
+    with torch.device("meta"):
+        shapes = {name: tuple(p.shape) for name, p in Llama4(cfg).state_dict().items()}
+    gen = torch.Generator(device=device).manual_seed(seed)
+    files: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+
+    def flush() -> None:
+        file = out / f"shard-{len(files):05d}.tmp"
+        save_file(shard, str(file), metadata={"format": "pt"})
+        files.append((file, list(shard)))
+        shard.clear()
+
+    size, total = 0, 0
+    disable = None if progress is None else not progress
+    for name, shape in tqdm(shapes.items(), desc=f"synthesizing {out.name}", unit="tensor", disable=disable):
+        tensor = init_tensor(name, shape, gen, device).to(dtype).cpu()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        shard[name] = tensor
+        size, total = size + nbytes, total + nbytes
+    flush()
+    _name_shards(out, files, total)
+
+
+def _name_shards(out: Path, files: list[tuple[Path, list[str]]], total: int) -> None:
+    """Give the shards their Hugging Face names; several shards get an index file."""
+    for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    if len(files) == 1:
+        files[0][0].rename(out / SINGLE_FILE)
+        return
+    weight_map = {}
+    for i, (tmp, names) in enumerate(files):
+        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        tmp.rename(out / final)
+        weight_map.update({name: final for name in names})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,130 @@
+"""Llama 4 text decoder in plain PyTorch, on flattened token batches `[T, hidden]`.
+
+Parameter names mirror the Hugging Face checkpoint (`language_model.model.layers.N...`), so a
+state dict loads without renaming. Attention is split in two so the engine can reuse it: `qkv`
+(projections, RoPE / QK-norm / temperature tuning at absolute positions) and `o_proj`; `forward`
+is the whole-sequence reference path with an explicit mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import TextConfig
+from model.moe import MoE, MLP, Experts
+from model.rope import apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, weighted: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if weighted else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return out * self.weight if self.weight is not None else out
+
+
+class Attention(nn.Module):
+    """GQA attention. RoPE layers: rotate, then weightless L2 (RMS) norm on q and k when
+    `use_qk_norm`. NoPE layers: no rotation, query temperature tuning by absolute position."""
+
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.use_rope = cfg.uses_rope(layer)
+        self.qk_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, weighted=False) if cfg.uses_qk_norm(layer) else None
+        self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
+        self.floor_scale = cfg.floor_scale
+        self.attn_scale = cfg.attn_scale
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor):
+        """Project `x` `[T, hidden]` to q `[T, H, D]`, k and v `[T, KV, D]`, positions applied."""
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.use_rope:
+            q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
+        if self.qk_norm is not None:
+            q, k = self.qk_norm(q), self.qk_norm(k)
+        if self.temperature_tuning:
+            q = (q * self.temperature(positions)[:, None, None]).to(q.dtype)
+        return q, k, v
+
+    def temperature(self, positions: torch.Tensor) -> torch.Tensor:
+        """Query scale `[T]`: log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1."""
+        return torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
+
+    def forward(self, x, positions, freqs_cis, mask: torch.Tensor) -> torch.Tensor:
+        """Whole-sequence attention; `mask` `[T, T]` is True where a query may attend a key."""
+        q, k, v = self.qkv(x, positions, freqs_cis)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # [H, T, D]
+            attn_mask=mask, scale=self.scale, enable_gqa=True,
+        )
+        return self.o_proj(out.transpose(0, 1).reshape(x.shape[0], -1))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block. `experts` (a range of expert ids) keeps only that slice of the routed
+    experts, as an expert shard does; None keeps them all."""
+
+    def __init__(self, cfg: TextConfig, layer: int, experts: range | None = None):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.is_moe = cfg.is_moe_layer(layer)
+        if self.is_moe:
+            ids = experts or range(cfg.num_local_experts)
+            routed = Experts(cfg.hidden_size, cfg.intermediate_size, len(ids), first_expert=ids.start)
+            self.feed_forward = MoE(cfg, routed)
+        else:
+            self.feed_forward = MLP(cfg.hidden_size, cfg.intermediate_size_mlp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, positions, freqs_cis, mask) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), positions, freqs_cis, mask)
+        return h + self.feed_forward(self.post_attention_layernorm(h))
+
+
+class TextBackbone(nn.Module):
+    """`language_model.model`: embeddings, decoder layers, final norm."""
+
+    def __init__(self, cfg: TextConfig, experts: range | None = None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class TextModel(nn.Module):
+    """`language_model`: the backbone plus an untied `lm_head`."""
+
+    def __init__(self, cfg: TextConfig, experts: range | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.model = TextBackbone(cfg, experts)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+
+def causal_masks(cfg: TextConfig, positions: torch.Tensor) -> dict[bool, torch.Tensor]:
+    """Boolean masks `[T, T]` keyed by "is chunked": full causal for NoPE layers; causal within
+    the same `attention_chunk_size` chunk for RoPE layers."""
+    causal = positions[None, :] <= positions[:, None]
+    masks = {False: causal}
+    if cfg.attention_chunk_size is not None:
+        chunk = positions // cfg.attention_chunk_size
+        masks[True] = causal & (chunk[None, :] == chunk[:, None])
+    return masks
