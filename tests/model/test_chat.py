@@ -46,23 +46,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("chat_tok")
-    write_synthetic_tokenizer(path)
-    return path
 
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    from model.tokenizer import Tokenizer
-
-    return Tokenizer.from_dir(tok_dir)
-
-
-@pytest.fixture(scope="module")
-def hf(tok_dir):
-    return AutoTokenizer.from_pretrained(str(tok_dir))
 
 
 def test_template_constant_is_transformers_template():

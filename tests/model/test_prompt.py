@@ -17,22 +17,6 @@ from model.tokenizer import Tokenizer, write_synthetic_tokenizer
 IMAGE_SIZES = [(20, 20), (120, 40), (30, 90), (200, 150), (57, 33)]
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompt_tok")
-    write_synthetic_tokenizer(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return Tokenizer.from_dir(tok_dir)
-
-
-@pytest.fixture(scope="module")
-def hf(tok_dir):
-    return AutoTokenizer.from_pretrained(str(tok_dir))
-
 
 def _images(sizes):
     return [Image.new("RGB", size, color=(17 * i % 255, 90, 200)) for i, size in enumerate(sizes)]

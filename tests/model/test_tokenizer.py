@@ -38,22 +38,6 @@ STRINGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    write_synthetic_tokenizer(path, num_merges=NUM_MERGES, seed=0)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return Tokenizer.from_dir(tok_dir)
-
-
-@pytest.fixture(scope="module")
-def hf(tok_dir):
-    return AutoTokenizer.from_pretrained(str(tok_dir))
-
 
 def test_special_token_list_layout():
     assert len(LLAMA4_SPECIAL_TOKENS) == 2048 == len(set(LLAMA4_SPECIAL_TOKENS))
