@@ -47,6 +47,47 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a prompt",
+        description="Generate a completion. With --offline the engine runs in this process on the "
+        "checkpoint given by --model (no Ray, no server).",
+    )
+    p.add_argument("--offline", action="store_true", help="run the engine in-process (required for now)")
+    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (a BOS token is prepended)")
+    prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image (repeatable); each <|image|> in the prompt marks where one goes, "
+                        "missing placeholders are put at the start")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"token_ids": [...], "text": "...", "finish_reason": "..."} (generated ids only)')
+    p.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if not args.offline:
+        raise SystemExit("herd generate: only --offline (in-process engine) is available in this version")
+    import json
+
+    from deployments.engine.offline import run_offline
+
+    out = run_offline(args)
+    if args.json:
+        print(json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason}))
+    else:
+        print(out.text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="herd",
@@ -55,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synth(sub)
+    _add_generate(sub)
     return parser
 
 

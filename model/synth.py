@@ -53,7 +53,8 @@ def synthesize(
     cfg = preset(preset_name, ids, num_layers=num_layers)
     cfg.save(out, dtype=str(dtype).removeprefix("torch."))
     _write_generation_config(out, cfg)
-    _write_weights(out, cfg, seed, dtype, torch.device(device), max_shard_bytes, progress)
+    num_text = min(ids.bos, ids.vocab_size)  # the special tokens follow the text tokens
+    _write_weights(out, cfg, seed, dtype, torch.device(device), max_shard_bytes, progress, num_text)
     log.info("wrote synthetic %s checkpoint to %s", preset_name, out)
     return cfg
 
@@ -84,8 +85,9 @@ def init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, device:
     return normal(fan_in**-0.5)
 
 
-def _write_weights(out, cfg, seed, dtype, device, max_shard_bytes, progress) -> None:
-    """Generate tensor by tensor and flush each shard as soon as it is full (bounded host memory)."""
+def _write_weights(out, cfg, seed, dtype, device, max_shard_bytes, progress, num_text_tokens) -> None:
+    """Generate tensor by tensor and flush each shard as soon as it is full (bounded host memory).
+    The lm_head rows of special and padding tokens are damped so a random model mostly writes text."""
     with torch.device("meta"):
         shapes = {name: tuple(p.shape) for name, p in Llama4(cfg).state_dict().items()}
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -101,7 +103,10 @@ def _write_weights(out, cfg, seed, dtype, device, max_shard_bytes, progress) -> 
     size, total = 0, 0
     disable = None if progress is None else not progress
     for name, shape in tqdm(shapes.items(), desc=f"synthesizing {out.name}", unit="tensor", disable=disable):
-        tensor = init_tensor(name, shape, gen, device).to(dtype).cpu()
+        tensor = init_tensor(name, shape, gen, device)
+        if name.endswith("lm_head.weight"):
+            tensor[num_text_tokens:] *= 0.1
+        tensor = tensor.to(dtype).cpu()
         nbytes = tensor.numel() * tensor.element_size()
         if shard and size + nbytes > max_shard_bytes:
             flush()

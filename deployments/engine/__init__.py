@@ -1,0 +1,7 @@
+"""The Herd engine: paged KV cache, continuous batching with chunked prefill, sampling and
+streaming, in one process without Ray (the Router deployment embeds it).
+
+    from deployments.engine import Engine, SamplingParams
+    engine = Engine.from_pretrained("checkpoints/small-scout")
+    print(engine.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))[0].text)
+"""

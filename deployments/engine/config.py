@@ -1,0 +1,23 @@
+"""Engine configuration: validated once, immutable."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    max_num_seqs: int = Field(64, ge=1, description="sequences running at once (decode batch size)")
+    max_num_batched_tokens: int = Field(
+        1024, ge=1, description="token budget of one step: decode tokens first, then prefill chunks"
+    )
+    max_model_len: int | None = Field(
+        None, ge=2, description="longest prompt + output; default: the model's limit, capped by the KV cache"
+    )
+    max_waiting: int = Field(4096, ge=0, description="queued requests beyond which new ones are rejected")
+    kv_cache_bytes: int = Field(256 * 2**20, ge=1, description="memory for the paged KV cache (all layers)")
+    num_blocks_full: int | None = Field(None, ge=1, description="override: KV blocks of the NoPE (full-history) layers")
+    num_blocks_chunked: int | None = Field(None, ge=1, description="override: KV blocks of the chunked RoPE layers")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV of identical prompt prefixes")

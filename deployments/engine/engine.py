@@ -1,0 +1,174 @@
+"""`Engine`: requests in, streamed tokens out. One process, one device, no Ray.
+
+    engine = Engine.from_pretrained("checkpoints/small-scout")
+    [done] = engine.generate(["The capital of France is"], SamplingParams(max_tokens=16, temperature=0))
+
+`add_request` / `step` / `abort` are the streaming interface the Router deployment drives; each
+`step` runs one batch (decode tokens first, then prefill chunks) and returns the deltas.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence as Seq
+
+import torch
+
+from deployments.engine.config import EngineConfig
+from deployments.engine.experts import ColocatedExperts, ExpertBackend
+from deployments.engine.kv_cache import KVCache
+from deployments.engine.kv_manager import KVManager
+from deployments.engine.kv_sizing import plan_kv_groups
+from deployments.engine.params import SamplingParams
+from deployments.engine.request_state import RequestOutput, RequestState
+from deployments.engine.runner import ModelRunner
+from deployments.engine.sampler import Sampler
+from deployments.engine.scheduler import Scheduler
+from deployments.engine.sequence import ImageInput, Sequence
+from model.errors import InvalidInputError
+from model.llama4 import Llama4
+from model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloaded(RuntimeError):
+    """Too many queued requests: retry later (gRPC RESOURCE_EXHAUSTED, HTTP 429)."""
+
+
+@dataclass
+class Completion:
+    """A finished request (the result of `Engine.generate`)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[float] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    outputs: list[RequestOutput] = field(default_factory=list, repr=False)
+
+
+class Engine:
+    def __init__(self, model: Llama4, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 experts: ExpertBackend | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        groups = plan_kv_groups(model.cfg.text, self.config, model.dtype)
+        self.kv = KVManager(groups, self.config.block_size)
+        text = model.cfg.text
+        cache = KVCache(groups, self.config.block_size, text.num_key_value_heads, text.head_dim, model.dtype, model.device)
+        self.runner = ModelRunner(model, self.kv, cache, experts or ColocatedExperts(model))
+        self.scheduler = Scheduler(self.config, self.kv)
+        self.sampler = Sampler()
+        self.max_model_len = min(self.config.max_model_len or text.max_position_embeddings, self.kv.max_tokens_per_seq())
+        self.eos_ids = tuple(text.eos_token_id) or tokenizer.stop_ids
+        self._states: dict[str, RequestState] = {}
+        self._arrivals = itertools.count()
+        log.info("engine ready: %s; max_model_len %d", ", ".join(f"{g.name} KV {g.num_blocks} blocks x "
+                 f"{len(g.layers)} layers" for g in groups), self.max_model_len)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, *, device: str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "Engine":
+        from model.checkpoint import load
+
+        return cls(load(path, device=device, dtype=dtype), Tokenizer.from_dir(path), config)
+
+    # ---- requests ----------------------------------------------------------------------------
+    def add_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None, *,
+                    request_id: str | None = None, images: Seq[ImageInput] = (), cache_salt: str = "") -> str:
+        """Queue a request; raises InvalidInputError for a bad prompt, EngineOverloaded when full."""
+        params = params or SamplingParams()
+        request_id = request_id or f"req-{next(self._arrivals)}"
+        if request_id in self._states:
+            raise InvalidInputError(f"request id {request_id!r} is already running")
+        ids = self.model.check_token_ids(torch.as_tensor(list(prompt_ids), dtype=torch.long)).tolist()
+        if len(ids) >= self.max_model_len:
+            raise InvalidInputError(f"prompt of {len(ids)} tokens is too long: this engine takes at most "
+                                    f"{self.max_model_len - 1} prompt tokens")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise EngineOverloaded(f"{len(self.scheduler.waiting)} requests are already waiting; retry later")
+        seq = Sequence(request_id, ids, len(ids), params, next(self._arrivals), self.model.cfg.image_token_index,
+                       list(images), cache_salt, self._generator(params))
+        self._check_images(seq)
+        self._states[request_id] = RequestState(seq, self.tokenizer, self.max_model_len, self.eos_ids)
+        self.scheduler.add(seq)
+        return request_id
+
+    def _generator(self, params: SamplingParams) -> torch.Generator | None:
+        if params.seed is None:
+            return None
+        return torch.Generator(self.model.device).manual_seed(params.seed)
+
+    def _check_images(self, seq: Sequence) -> None:
+        num_patch = sum(1 for t in seq.tokens if t == seq.patch_token_id)
+        num_rows = sum(img.embeds.shape[0] for img in seq.images)
+        if num_patch != num_rows:
+            raise InvalidInputError(f"the prompt has {num_patch} <|patch|> tokens but its images give {num_rows} "
+                                    "embeddings: expand each image placeholder with model.prompt.expand_image_tokens")
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request and free its KV blocks at once; False if it is unknown or done."""
+        state = self._states.pop(request_id, None)
+        if state is None:
+            return False
+        self.scheduler.finish(state.seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._states)
+
+    # ---- stepping ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return a delta for every request that produced tokens or finished."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        logits = self.runner.execute(chunks)
+        sampling = [c.seq for c in chunks if c.samples]
+        for c in chunks:
+            c.seq.num_computed += c.num_tokens
+            self.kv.after_step(c.seq)
+        if not sampling:
+            return []
+        result = self.sampler.sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        token_ids = result.token_ids.tolist()
+        logprobs = result.logprobs.tolist() if result.logprobs is not None else [None] * len(sampling)
+        return [self._advance(seq, tok, lp) for seq, tok, lp in zip(sampling, token_ids, logprobs)]
+
+    def _advance(self, seq: Sequence, token_id: int, logprob: float | None) -> RequestOutput:
+        state = self._states[seq.request_id]
+        output = state.append(token_id, logprob)
+        if output.finished:
+            self.scheduler.finish(seq)
+            del self._states[seq.request_id]
+        return output
+
+    # ---- offline -----------------------------------------------------------------------------
+    def generate(self, prompts: Seq[Seq[int] | str], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 images: Seq[Seq[ImageInput]] | None = None) -> list[Completion]:
+        """Run prompts (token ids, or text tokenized with BOS) to completion, batched together."""
+        params_list = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [self.tokenizer.encode(p, add_bos=True) if isinstance(p, str) else list(p) for p in prompts]
+        rids = [self.add_request(i, p, images=(images[n] if images else ())) for n, (i, p) in
+                enumerate(zip(ids, params_list))]
+        done: dict[str, list[RequestOutput]] = {r: [] for r in rids}
+        while self.has_unfinished():
+            for out in self.step():
+                done[out.request_id].append(out)
+        return [_completion(r, done[r]) for r in rids]
+
+
+def _completion(request_id: str, outputs: list[RequestOutput]) -> Completion:
+    last = outputs[-1]
+    logprobs = [lp for o in outputs for lp in (o.logprobs or [])] or None
+    return Completion(
+        request_id, [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
+        last.finish_reason, logprobs, last.num_prompt_tokens, last.num_cached_tokens, outputs,
+    )

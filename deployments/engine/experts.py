@@ -1,0 +1,27 @@
+"""Where the routed experts of each MoE layer run. The engine computes attention, the router and
+the shared expert itself and hands `(hidden, expert ids, scores)` to an `ExpertBackend`: in-process
+("colocated") here, or expert-shard actors in the cluster."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from model.llama4 import Llama4
+
+
+class ExpertBackend(Protocol):
+    def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's chosen experts of expert(score * x); `x` `[T, hidden]`, ids and scores `[T, k]`."""
+        ...
+
+
+class ColocatedExperts:
+    """Runs the experts held by the model itself."""
+
+    def __init__(self, model: Llama4):
+        self._layers = model.language_model.model.layers
+
+    def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self._layers[layer].feed_forward.experts(x, expert_ids, scores)

@@ -1,0 +1,96 @@
+"""Continuous batching with chunked prefill.
+
+Every step spends a token budget: running sequences first (a decode is one token; an unfinished
+prefill continues), in arrival order, then waiting ones are admitted while budget, sequence slots
+and KV blocks last. When a running sequence cannot get a block, the latest arrival is preempted:
+its blocks are freed (kept in the prefix cache) and it waits to be recomputed.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+
+from deployments.engine.config import EngineConfig
+from deployments.engine.kv_manager import KVManager
+from deployments.engine.runner import ScheduledChunk
+from deployments.engine.sequence import Sequence, SeqStatus
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, kv: KVManager):
+        self.cfg = cfg
+        self.kv = kv
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # sorted by arrival
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.cfg.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preemptions_before = self.num_preemptions
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_uncomputed, budget)
+            if self._allocate_or_preempt(seq, n):
+                chunks.append(ScheduledChunk.of(seq, n))
+                budget -= n
+        if self.num_preemptions == preemptions_before:  # no new admissions while KV is short
+            self._admit(chunks, budget)
+        return chunks
+
+    def _allocate_or_preempt(self, seq: Sequence, n: int) -> bool:
+        """Allocate, preempting the latest arrivals until it fits; False if `seq` itself went."""
+        while not self.kv.allocate(seq, n):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            if self.cfg.enable_prefix_caching and not seq.tables:
+                hit = self.kv.match_prefix(seq)
+                if seq.num_preemptions == 0:
+                    seq.num_cached_prompt_tokens = min(hit, seq.num_prompt_tokens)
+            n = min(seq.num_uncomputed, budget)
+            if not self.kv.allocate(seq, n):
+                self._release(seq)
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.arrival)
+            chunks.append(ScheduledChunk.of(seq, n))
+            budget -= n
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free `seq`'s KV and queue it first for recomputation (its tokens are kept)."""
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def _release(self, seq: Sequence) -> None:
+        self.kv.free(seq)
+        seq.num_computed = 0

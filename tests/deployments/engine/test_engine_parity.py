@@ -1,0 +1,92 @@
+"""Greedy generation of the engine equals transformers' `generate`, token for token: one request,
+16 concurrent requests joining and leaving at different steps with prompts split by chunked
+prefill, image prompts, and across preemption."""
+
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from deployments.engine.config import EngineConfig
+from deployments.engine.engine import Engine
+from deployments.engine.params import SamplingParams
+from deployments.engine.inputs import prepare_prompt
+from model.image import ImageProcessor
+from tests.deployments.engine.conftest import hf_greedy
+
+SMALL_STEPS = EngineConfig(block_size=4, max_num_batched_tokens=16, max_num_seqs=16)
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def prompts(count: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(rng.randrange(3, 60))] for _ in range(count)]
+
+
+@pytest.mark.parametrize("ckpt", ["scout_ckpt", "maverick_ckpt"])
+def test_single_request(request, ckpt):
+    ref, path = request.getfixturevalue(ckpt)
+    engine = Engine.from_pretrained(path, SMALL_STEPS)
+    [ids] = prompts(1, seed=1)
+    [out] = engine.generate([ids], greedy(24))
+    assert out.token_ids == hf_greedy(ref, ids, 24)
+    assert out.finish_reason == "length"
+
+
+def run_staggered(engine: Engine, batch: list[list[int]], lengths: list[int]) -> dict[str, list[int]]:
+    """Half the requests join at once, the rest one per step while the first half decode."""
+    got: dict[str, list[int]] = {}
+    pending = list(enumerate(batch))
+    for i, ids in pending[: len(batch) // 2]:
+        engine.add_request(ids, greedy(lengths[i]), request_id=str(i))
+    late = pending[len(batch) // 2 :]
+    while engine.has_unfinished() or late:
+        if late:
+            i, ids = late.pop(0)
+            engine.add_request(ids, greedy(lengths[i]), request_id=str(i))
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.token_ids)
+    return got
+
+
+@pytest.mark.parametrize("ckpt", ["scout_ckpt", "maverick_ckpt"])
+def test_sixteen_concurrent_requests(request, ckpt):
+    ref, path = request.getfixturevalue(ckpt)
+    engine = Engine.from_pretrained(path, SMALL_STEPS)
+    batch = prompts(16, seed=2)
+    lengths = [random.Random(i).randrange(2, 20) for i in range(16)]
+    got = run_staggered(engine, batch, lengths)
+    for i, ids in enumerate(batch):
+        assert got[str(i)] == hf_greedy(ref, ids, lengths[i]), f"request {i} ({len(ids)} prompt tokens)"
+    assert all(pool.num_used == 0 for pool in engine.kv.pools.values())
+
+
+def test_preemption_keeps_tokens_exact(scout_ckpt):
+    ref, path = scout_ckpt
+    cfg = SMALL_STEPS.model_copy(update={"num_blocks_full": 48, "enable_prefix_caching": False})
+    engine = Engine.from_pretrained(path, cfg)
+    batch = prompts(16, seed=3)
+    lengths = [16] * 16
+    got = run_staggered(engine, batch, lengths)
+    assert engine.scheduler.num_preemptions > 0
+    for i, ids in enumerate(batch):
+        assert got[str(i)] == hf_greedy(ref, ids, 16), f"request {i}"
+    assert all(pool.num_used == 0 for pool in engine.kv.pools.values())
+
+
+@pytest.mark.parametrize("ckpt", ["scout_ckpt", "maverick_ckpt"])
+def test_image_prompts(request, ckpt):
+    ref, path = request.getfixturevalue(ckpt)
+    engine = Engine.from_pretrained(path, SMALL_STEPS)
+    processor = ImageProcessor.from_vision_config(engine.model.cfg.vision)
+    images = [Image.effect_noise((150, 60), 40).convert("RGB"), Image.effect_noise((30, 50), 60).convert("RGB")]
+    image = engine.tokenizer.image_ids.image
+    placeholders = [5, 6, image, 7, 8, image, 9]
+    ids, inputs = prepare_prompt(engine.model, engine.tokenizer, placeholders, images, ["a", "b"])
+    tiles = torch.cat([processor.preprocess(img).pixel_values for img in images])
+    [out] = engine.generate([ids], greedy(12), images=[inputs])
+    assert out.token_ids == hf_greedy(ref, ids, 12, tiles)
