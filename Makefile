@@ -10,7 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast clean
+.PHONY: install run test test-fast proto clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: $(STAMP) $(HELM)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not slow"
+
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Ideployments/pb=proto/herd/v1 --python_out=. --pyi_out=. \
+		--grpc_python_out=. proto/herd/v1/herd.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -54,8 +54,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         description="Generate a completion. With --offline the engine runs in this process on the "
         "checkpoint given by --model (no Ray, no server).",
     )
-    p.add_argument("--offline", action="store_true", help="run the engine in-process (required for now)")
-    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--offline", action="store_true", help="run the engine in-process instead of calling the cluster")
+    p.add_argument("--model", help="checkpoint directory (with --offline; else the served model's name)")
+    p.add_argument("--address", default="127.0.0.1:9000", help="the cluster's gRPC endpoint (default 127.0.0.1:9000)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (a BOS token is prepended)")
     prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
@@ -74,17 +75,133 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    if not args.offline:
-        raise SystemExit("herd generate: only --offline (in-process engine) is available in this version")
     import json
 
-    from deployments.engine.offline import run_offline
+    if args.offline:
+        if not args.model:
+            raise SystemExit("herd generate --offline needs --model DIR")
+        from deployments.engine.offline import run_offline
 
-    out = run_offline(args)
+        out = run_offline(args)
+    else:
+        out = _generate_remote(args)
     if args.json:
         print(json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason}))
+    elif args.offline:
+        print(out.text)  # the remote path streamed it already
+    return 0
+
+
+def _generate_remote(args: argparse.Namespace):
+    from types import SimpleNamespace
+
+    from cluster.client import HerdClient, sampling, user_turn
+    from deployments.engine.offline import parse_ids
+    from deployments.pb import herd_pb2 as pb
+
+    params = sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    req = pb.GenerateRequest(model=args.model or "", sampling=params)
+    if args.prompt_ids:
+        req.prompt_token_ids.ids.extend(parse_ids(args.prompt_ids))
+    elif args.image:
+        req.chat.messages.append(user_turn(args.prompt, args.image))
     else:
-        print(out.text)
+        req.text = args.prompt
+    token_ids, text, reason = [], [], ""
+    for chunk in HerdClient(args.address).generate(req):
+        token_ids += chunk.token_ids
+        text.append(chunk.text)
+        reason = chunk.finish_reason or reason
+        if not args.json:
+            print(chunk.text, end="", flush=True)
+    if not args.json:
+        print()
+    return SimpleNamespace(token_ids=token_ids, text="".join(text), finish_reason=reason)
+
+
+def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
+    up = sub.add_parser("up", help="start a local Ray head and deploy Herd on it",
+                        description="Start a local Ray head (if none runs), deploy the Herd Serve application, "
+                        "wait until it is healthy and print its endpoints. Without --model/--config the small "
+                        "synthetic Scout-shaped checkpoint is written (first run) and served.")
+    src = up.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint directory to serve")
+    src.add_argument("--preset", default="small-scout", help="synthetic checkpoint preset (default small-scout)")
+    src.add_argument("--config", help="HerdConfig YAML file (the Serve application args)")
+    up.add_argument("--demo", action="store_true", help="send one demo request once it is up")
+    up.set_defaults(func=_up)
+    sub.add_parser("down", help="remove the application and stop the local Ray head").set_defaults(func=_down)
+    sub.add_parser("status", help="endpoints, deployments and replica states").set_defaults(func=_status)
+    chat = sub.add_parser("chat", help="interactive chat with the cluster over gRPC",
+                          description="Multi-turn chat over gRPC; an empty line or Ctrl-D ends it.")
+    chat.add_argument("--address", default="127.0.0.1:9000", help="gRPC endpoint")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--image", action="append", default=[], metavar="FILE", help="attach to the first turn")
+    chat.set_defaults(func=_chat)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from cluster.config import HerdConfig
+    from cluster.launcher import ensure_checkpoint, up
+
+    if args.config:
+        cfg = HerdConfig.from_file(args.config)
+    else:
+        cfg = HerdConfig(model=str(args.model or ensure_checkpoint(args.preset)))
+    for name, url in up(cfg).items():
+        print(f"{name:10s} {url}")
+    if args.demo:
+        _demo()
+    return 0
+
+
+def _demo() -> None:
+    from cluster.client import HerdClient, sampling
+    from deployments.pb import herd_pb2 as pb
+
+    req = pb.GenerateRequest(text="Herd serves Llama 4 on Ray.", sampling=sampling(24, 0.0, 1.0, 0, None))
+    text = "".join(c.text for c in HerdClient().generate(req))
+    print(f"demo request -> {text!r}")
+
+
+def _down(args: argparse.Namespace) -> int:
+    from cluster.launcher import down
+
+    down()
+    print("herd is down")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from cluster.launcher import status
+
+    print(json.dumps(status(), indent=2))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from cluster.client import HerdClient, sampling, user_turn
+    from deployments.pb import herd_pb2 as pb
+
+    client, history, images = HerdClient(args.address), [], list(args.image)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append(user_turn(line, images))
+        images = []
+        req = pb.GenerateRequest(sampling=sampling(args.max_tokens, args.temperature, 1.0, 0, None))
+        req.chat.messages.extend(history)
+        print("herd> ", end="", flush=True)
+        answer = "".join(print(c.text, end="", flush=True) or c.text for c in client.generate(req))
+        print()
+        history.append(pb.ChatMessage(role="assistant", content=[pb.ContentPart(text=answer)]))
     return 0
 
 
@@ -97,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synth(sub)
     _add_generate(sub)
+    _add_cluster_commands(sub)
     return parser
 
 

@@ -21,6 +21,8 @@ from tqdm import tqdm
 from model.config import Llama4Config
 from model.errors import CheckpointError
 from model.llama4 import Llama4
+from model.moe import Experts
+from model.vision import Projector, VisionModel
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,7 @@ def load(
     file or tensor that is wrong."""
     path = Path(path)
     cfg = Llama4Config.from_dir(path)
-    if experts is not None and not (0 <= experts.start < experts.stop <= cfg.text.num_local_experts and experts.step == 1):
-        raise CheckpointError(f"expert range {experts} is not a contiguous slice of 0..{cfg.text.num_local_experts}")
+    _check_expert_range(experts, cfg)
     with torch.device("meta"):
         model = Llama4(cfg, experts)
     start = time.perf_counter()
@@ -73,6 +74,68 @@ def load(
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     log.info("loaded %s: %d tensors, %.2f GiB in %.1f s", path, len(state), nbytes / 2**30, time.perf_counter() - start)
     return model.eval().requires_grad_(False)
+
+
+class VisionTower(torch.nn.Module):
+    """The vision encoder and projector alone (what the VisionEncoder service holds), with the
+    checkpoint's parameter names."""
+
+    def __init__(self, cfg: Llama4Config):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_model = VisionModel(cfg.vision)
+        self.multi_modal_projector = Projector(cfg.vision.vision_output_dim, cfg.text.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles `[N, 3, S, S]` -> text-width embeddings `[N * tokens_per_tile, hidden]`."""
+        return self.multi_modal_projector(self.vision_model(pixel_values).flatten(0, 1))
+
+
+def load_vision(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VisionTower:
+    """Only the vision tower and projector of a checkpoint; no decoder weight is read."""
+    path = Path(path)
+    cfg = Llama4Config.from_dir(path)
+    if cfg.vision is None:
+        raise CheckpointError(f"{path} has no vision_config: it is a text-only checkpoint")
+    with torch.device("meta"):
+        tower = VisionTower(cfg)
+    tower.load_state_dict(_read_state(path, tower, device, dtype, None, False), assign=True, strict=True)
+    return tower.eval().requires_grad_(False)
+
+
+def _check_expert_range(experts: range | None, cfg: Llama4Config) -> None:
+    num = cfg.text.num_local_experts
+    if experts is not None and not (0 <= experts.start <= experts.stop <= num and experts.step == 1):
+        raise CheckpointError(f"expert range {experts} is not a contiguous slice of 0..{num}")
+
+
+def load_expert_shard(path: str | Path, experts: range, *, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32) -> dict[int, Experts]:
+    """Only the routed experts `experts` of every MoE layer, keyed by layer: what an expert-shard
+    actor holds. No other tensor is read."""
+    path = Path(path)
+    cfg = Llama4Config.from_dir(path)
+    _check_expert_range(experts, cfg)
+    text = cfg.text
+    files = tensor_files(path)
+    prefix = "" if any(n.startswith("language_model.") for n in files) else "language_model."
+    shard: dict[int, Experts] = {}
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), "pt")) for f in set(files.values())}
+        for layer in text.moe_layers:
+            with torch.device("meta"):
+                module = Experts(text.hidden_size, text.intermediate_size, len(experts), experts.start)
+            state = {}
+            for name, param in module.named_parameters():
+                full = f"language_model.model.layers.{layer}.feed_forward.experts.{name}"
+                key = full if full in files else full.removeprefix(prefix)
+                if key not in files:
+                    raise CheckpointError(f"{path}: tensor {full!r} is missing")
+                state[name] = _read_tensor(handles[files[key]], key, tuple(param.shape), experts, path)
+                state[name] = state[name].to(device=device, dtype=dtype)
+            module.load_state_dict(state, assign=True)
+            shard[layer] = module.eval().requires_grad_(False)
+    return shard
 
 
 def _read_state(path, model, device, dtype, experts, progress) -> dict[str, torch.Tensor]:

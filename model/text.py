@@ -86,7 +86,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
-            ids = experts or range(cfg.num_local_experts)
+            ids = range(cfg.num_local_experts) if experts is None else experts
             routed = Experts(cfg.hidden_size, cfg.intermediate_size, len(ids), first_expert=ids.start)
             self.feed_forward = MoE(cfg, routed)
         else:

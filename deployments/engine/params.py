@@ -1,33 +1,58 @@
-"""Per-request sampling parameters, validated once (bad values raise InvalidInputError)."""
+"""Per-request sampling parameters: validated once, immutable, passed down to the sampler and the
+stop checker. Front ends build them with `SamplingParams.create(**user_input)`, which turns every
+validation problem into one `InvalidInputError` that names the offending fields."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from model.errors import InvalidInputError
 
 MAX_STOP_STRINGS = 16
+MAX_SEED = 2**63 - 1  # the gRPC field is int64; torch.Generator.manual_seed takes it as is
+GREEDY_TEMPERATURE = 1e-5  # below this, logits / temperature overflows fp32: sample greedily (as vLLM)
 
 
 class SamplingParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    """How one request picks its tokens and when it stops (OpenAI / vLLM meanings)."""
 
-    max_tokens: int = Field(256, ge=1, description="tokens to generate at most")
-    temperature: float = Field(1.0, ge=0.0, description="softmax temperature; 0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus: smallest set of tokens with this much mass")
-    top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 = off")
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="drop tokens below min_p x the top probability")
-    seed: int | None = Field(None, ge=0, description="per-request seed: same seed, same tokens")
-    stop: list[str] = Field(default_factory=list, description="strings that end generation (not returned)")
-    stop_token_ids: list[int] = Field(default_factory=list, description="token ids that end generation")
-    ignore_eos: bool = Field(False, description="keep going past end-of-sequence tokens")
-    logprobs: bool = Field(False, description="return the log-probability of each chosen token")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    max_tokens: int = Field(256, ge=1, description="Most tokens to generate (the stop token counts).")
+    temperature: float = Field(1.0, ge=0.0, description="Softmax temperature; 0 means greedy (argmax).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus: keep the smallest set of most likely "
+                         "tokens whose probability adds up to at least top_p (after top_k); 1 = off.")
+    top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 (or -1 on input) = off.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens whose probability is below "
+                         "min_p times the top token's probability; 0 = off.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Per-request seed: the same seed gives "
+                             "the same tokens whatever else is in the batch; None = shared RNG.")
+    stop: list[str] = Field(default_factory=list, description=f"Up to {MAX_STOP_STRINGS} non-empty strings "
+                            "that end generation; the returned text ends before the stop string.")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Token ids that end generation "
+                                      "(even with ignore_eos); kept in the token ids, not in the text.")
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens.")
+    logprobs: bool = Field(False, description="Return the log-probability of each chosen token under the "
+                           "unmodified model distribution (log_softmax of the raw logits, as vLLM).")
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _top_k_off(cls, v: Any) -> Any:
+        """-1 is the OpenAI / vLLM spelling of "off"; store it as 0. Other negatives are errors."""
+        if isinstance(v, int) and not isinstance(v, bool) and v < 0:
+            if v != -1:
+                raise ValueError("must be -1 or 0 (off), or at least 1")
+            return 0
+        return v
 
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, v: list[str]) -> list[str]:
+        """At most MAX_STOP_STRINGS, none empty (an empty string would match at once)."""
         if len(v) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(v)}")
         if any(not s for s in v):
             raise ValueError("stop strings must be non-empty")
         return v
@@ -35,21 +60,32 @@ class SamplingParams(BaseModel):
     @field_validator("stop_token_ids")
     @classmethod
     def _check_stop_ids(cls, v: list[int]) -> list[int]:
+        """Token ids are non-negative (the vocabulary bound is checked by the engine)."""
         if any(t < 0 for t in v):
-            raise ValueError("stop token ids must be >= 0")
+            raise ValueError(f"token ids must be >= 0, got {min(v)}")
         return v
 
     @classmethod
-    def create(cls, **kwargs) -> "SamplingParams":
-        """Build from user input; errors become InvalidInputError naming the field."""
-        if kwargs.get("top_k") == -1:
-            kwargs["top_k"] = 0
+    def create(cls, **kwargs: Any) -> SamplingParams:
+        """Build from user input; any validation error becomes one InvalidInputError naming the fields."""
         try:
             return cls(**kwargs)
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'params'}: {err['msg']}" for err in e.errors())
-            raise InvalidInputError(f"invalid sampling parameters: {problems}") from None
+            raise InvalidInputError(f"invalid sampling parameters: {_describe(e)}") from None
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        """True when the sampler takes the argmax (temperature 0, or too small to divide by)."""
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+def _describe(error: ValidationError) -> str:
+    """One readable line per problem: `field (got value): message`."""
+    problems = []
+    for err in error.errors():
+        field = ".".join(map(str, err["loc"])) or "sampling"
+        got = repr(err["input"])
+        got = got if len(got) <= 40 else got[:37] + "..."
+        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        problems.append(f"{field} (got {got}): {message}")
+    return "; ".join(problems)

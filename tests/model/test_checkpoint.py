@@ -103,3 +103,17 @@ def test_patch_tokens_without_images(reference):
     _, ckpt = reference()
     with pytest.raises(model.InvalidInputError, match="2 <\\|patch\\|> tokens"):
         model.load(ckpt).logits([1, PATCH, PATCH, 5])
+
+
+def test_expert_shard_and_vision_tower_load_alone(reference):
+    from model.checkpoint import load_expert_shard, load_vision
+
+    _, ckpt = reference(num_experts=4)
+    full = model.load(ckpt)
+    shard = load_expert_shard(ckpt, range(2, 4))
+    assert sorted(shard) == [0, 1, 2, 3]
+    assert torch.equal(shard[1].down_proj, full.state_dict()[EXPERTS_KEY.format(1, "down_proj")][2:4])
+    tiles = torch.randn(2, 3, 56, 56)
+    torch.testing.assert_close(load_vision(ckpt)(tiles), full.encode_images(tiles))
+    router_only = model.load(ckpt, experts=range(0, 0))
+    assert router_only.state_dict()[EXPERTS_KEY.format(0, "gate_up_proj")].shape[0] == 0

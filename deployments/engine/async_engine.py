@@ -1,0 +1,90 @@
+"""`AsyncEngine`: the engine behind an asyncio front end (a Serve replica). All engine calls run
+on one worker thread, so the event loop never blocks on a step and the engine needs no locks;
+each request gets a queue its caller drains as an async iterator."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Sequence
+
+from deployments.engine.engine import Engine
+from deployments.engine.params import SamplingParams
+from deployments.engine.request_state import RequestOutput
+from deployments.engine.sequence import ImageInput
+
+log = logging.getLogger(__name__)
+
+
+class EngineStepError(RuntimeError):
+    """A step failed (e.g. an expert shard died); the requests in it were aborted."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="herd-engine")
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+
+    async def _call(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: fn(*args, **kwargs))
+
+    async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, *,
+                       images: Sequence[ImageInput] = (), cache_salt: str = "") -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; leaving the iterator early cancels the request."""
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._run())
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        finished = False
+        try:
+            await self._call(self.engine.add_request, prompt_ids, params, request_id=request_id,
+                             images=images, cache_salt=cache_salt)
+            self._wake.set()
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                await self._call(self.engine.abort, request_id)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            if not await self._call(self.engine.has_unfinished):
+                self._wake.clear()
+                continue
+            try:
+                outputs = await self._call(self.engine.step)
+            except Exception as e:  # noqa: BLE001 -- fail the requests in flight, keep serving
+                await self._fail_all(e)
+                continue
+            for out in outputs:
+                queue = self._queues.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+
+    async def _fail_all(self, error: Exception) -> None:
+        log.error("engine step failed, aborting %d requests: %s", len(self._queues), error)
+        for request_id, queue in list(self._queues.items()):
+            await self._call(self.engine.abort, request_id)
+            wrapped = EngineStepError(f"request {request_id} failed: {error}")
+            wrapped.__cause__ = error
+            queue.put_nowait(wrapped)
+
+    def stats(self) -> dict[str, int]:
+        """Scheduler and KV occupancy (read without the engine thread: approximate)."""
+        e = self.engine
+        stats = {"running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting)}
+        for name, pool in e.kv.pools.items():
+            stats[f"kv_{name}_used"] = pool.num_used
+            stats[f"kv_{name}_free"] = pool.num_free
+        return stats

@@ -1,0 +1,119 @@
+"""Expert-shard actors: each holds a contiguous slice of the routed experts of every MoE layer
+(read from the checkpoint by slice, nothing else loaded) and runs them for any Router replica.
+
+`ExpertPool` is one named, detached actor that creates the shards once, in a placement group
+(PACK or SPREAD over nodes), and hands their handles to every Router replica. Shards restart
+when they die; a call in flight to a dead shard fails fast (no retries) and the Router turns
+that into UNAVAILABLE for the requests of that step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+import torch
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import ExpertsConfig
+from model.checkpoint import load_expert_shard
+from model.config import Llama4Config
+
+log = logging.getLogger(__name__)
+NAMESPACE = "herd"
+POOL_NAME = "herd-expert-pool"
+
+
+class ExpertsUnavailable(RuntimeError):
+    """An expert shard could not be reached (died, restarting, or timed out)."""
+
+
+def split_experts(num_experts: int, num_shards: int) -> list[range]:
+    """Contiguous, balanced expert ranges, one per shard."""
+    if num_shards > num_experts:
+        raise ValueError(f"{num_shards} shards for {num_experts} experts: at most one shard per expert")
+    bounds = [round(i * num_experts / num_shards) for i in range(num_shards + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class ExpertShard:
+    def __init__(self, model_path: str, start: int, stop: int, device: str):
+        self.device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.experts = load_expert_shard(model_path, range(start, stop), device=self.device, dtype=dtype)
+        self.range = (start, stop)
+        log.info("expert shard %s ready on %s (%d MoE layers)", self.range, self.device, len(self.experts))
+
+    def info(self) -> dict:
+        return {"experts": self.range, "node_id": ray.get_runtime_context().get_node_id()}
+
+    @torch.inference_mode()
+    def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        dev = self.device
+        out = self.experts[layer](x.to(dev), expert_ids.to(dev), scores.to(dev))
+        return out.to(x.device)
+
+
+@ray.remote(num_cpus=0)
+class ExpertPool:
+    """Creates the shards once and tells Router replicas where they are."""
+
+    def __init__(self, model_path: str, cfg: dict, device: str):
+        experts = ExpertsConfig.model_validate(cfg)
+        num_experts = Llama4Config.from_dir(model_path).text.num_local_experts
+        ranges = split_experts(num_experts, experts.num_shards)
+        bundle = {"CPU": experts.num_cpus_per_shard, **experts.resources_per_shard}
+        if experts.num_gpus_per_shard:
+            bundle["GPU"] = experts.num_gpus_per_shard
+        self.pg = placement_group([dict(bundle) for _ in ranges], strategy=experts.placement_strategy)
+        ray.get(self.pg.ready())
+        self.shards = [
+            ExpertShard.options(
+                num_cpus=experts.num_cpus_per_shard, num_gpus=experts.num_gpus_per_shard,
+                resources=experts.resources_per_shard,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(model_path, r.start, r.stop, device)
+            for i, r in enumerate(ranges)
+        ]
+        self.ranges = [(r.start, r.stop) for r in ranges]
+
+    def shards_and_ranges(self) -> list[tuple]:
+        return list(zip(self.shards, self.ranges))
+
+
+def get_or_create_pool(model_path: str, cfg: ExpertsConfig, device: str) -> "ray.actor.ActorHandle":
+    return ExpertPool.options(name=POOL_NAME, namespace=NAMESPACE, lifetime="detached",
+                              get_if_exists=True).remote(model_path, cfg.model_dump(), device)
+
+
+class ShardedExperts:
+    """`ExpertBackend` that sends each shard only the tokens routed to its experts and adds the
+    results back (runs on the engine thread)."""
+
+    def __init__(self, shards: list[tuple], timeout_s: float = 30.0, on_dispatch=None):
+        self.shards = shards  # [(handle, (start, stop))]
+        self.timeout_s = timeout_s
+        self.on_dispatch = on_dispatch  # callback(layer, shard_index, num_tokens, seconds)
+
+    def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        start_time = time.perf_counter()
+        calls = []
+        for i, (handle, (start, stop)) in enumerate(self.shards):
+            rows = ((expert_ids >= start) & (expert_ids < stop)).any(dim=1).nonzero().squeeze(1)
+            if rows.numel():
+                calls.append((i, rows, handle.run.remote(layer, x[rows], expert_ids[rows], scores[rows])))
+        out = torch.zeros_like(x)
+        try:
+            for i, rows, ref in calls:
+                out.index_add_(0, rows, ray.get(ref, timeout=self.timeout_s))
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
+                ray.exceptions.ActorUnavailableError) as e:
+            raise ExpertsUnavailable(f"expert shard unavailable at MoE layer {layer}: {e}") from e
+        if self.on_dispatch is not None:
+            seconds = time.perf_counter() - start_time
+            for i, rows, _ in calls:
+                self.on_dispatch(layer, i, int(rows.numel()), seconds)
+        return out

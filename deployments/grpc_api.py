@@ -1,0 +1,51 @@
+"""Conversions between the gRPC messages (`proto/herd/v1/herd.proto`) and Herd's request types."""
+
+from __future__ import annotations
+
+import uuid
+
+from deployments.engine.params import SamplingParams
+from deployments.pb import herd_pb2 as pb
+from deployments.request import ChatTurn, GenerationDelta, GenerationRequest, ImagePart
+from model.errors import InvalidInputError
+
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed")
+
+
+def sampling_from_pb(s: pb.SamplingParams) -> SamplingParams:
+    kwargs = {name: getattr(s, name) for name in _OPTIONAL if s.HasField(name)}
+    kwargs.update(stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
+                  logprobs=s.logprobs)
+    return SamplingParams.create(**kwargs)
+
+
+def request_from_pb(r: pb.GenerateRequest) -> GenerationRequest:
+    kind = r.WhichOneof("prompt")
+    if kind is None:
+        raise InvalidInputError("the request has no prompt: set text, chat or prompt_token_ids")
+    common = dict(request_id=r.request_id or f"grpc-{uuid.uuid4().hex}", params=sampling_from_pb(r.sampling),
+                  model=r.model, session_id=r.session_id, tenant=r.tenant)
+    if kind == "text":
+        return GenerationRequest(text=r.text, **common)
+    if kind == "prompt_token_ids":
+        return GenerationRequest(prompt_token_ids=list(r.prompt_token_ids.ids), **common)
+    turns = [ChatTurn(m.role, [ImagePart(p.image) if p.WhichOneof("part") == "image" else p.text for p in m.content])
+             for m in r.chat.messages]
+    return GenerationRequest(messages=turns, **common)
+
+
+def response_from_delta(d: GenerationDelta) -> pb.GenerateResponse:
+    out = pb.GenerateResponse(request_id=d.request_id, token_ids=d.token_ids, text=d.text,
+                              logprobs=d.logprobs or [], finish_reason=d.finish_reason or "")
+    if d.finish_reason:
+        out.usage.CopyFrom(pb.Usage(prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens,
+                                    cached_tokens=d.cached_tokens))
+    return out
+
+
+def join_deltas(deltas: list[GenerationDelta]) -> GenerationDelta:
+    """The whole completion as one delta (the unary RPC, non-streaming HTTP)."""
+    last = deltas[-1]
+    logprobs = [lp for d in deltas for lp in (d.logprobs or [])] or None
+    return GenerationDelta(last.request_id, [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas),
+                           logprobs, last.finish_reason, last.prompt_tokens, last.completion_tokens, last.cached_tokens)

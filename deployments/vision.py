@@ -1,0 +1,52 @@
+"""The VisionEncoder deployment: image bytes -> tiles -> vision tower -> projector, batched over
+concurrent requests with `@serve.batch`, with an LRU cache of embeddings by image digest."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from ray import serve
+
+from cluster.config import HerdConfig
+from deployments.metrics import VisionMetrics
+from deployments.router import resolve_device
+from model.checkpoint import load_vision
+from model.image import ImageLimits, ImageProcessor, decode_image
+
+
+@serve.deployment
+class VisionEncoder:
+    def __init__(self, config: dict):
+        cfg = HerdConfig.model_validate(config)
+        self.device, dtype = resolve_device(cfg.device)
+        self.tower = load_vision(cfg.model, device=self.device, dtype=dtype)
+        self.processor = ImageProcessor.from_vision_config(self.tower.cfg.vision)
+        self.limits = ImageLimits(max_bytes=cfg.limits.max_image_bytes, max_pixels=cfg.limits.max_image_pixels)
+        self.cache: OrderedDict[str, tuple] = OrderedDict()
+        self.cache_size = cfg.vision.cache_size
+        self.metrics = VisionMetrics()
+        self.encode_batch.set_max_batch_size(cfg.vision.max_batch_size)
+        self.encode_batch.set_batch_wait_timeout_s(cfg.vision.batch_wait_timeout_s)
+
+    async def embed(self, digest: str, data: bytes) -> tuple[tuple[int, int], torch.Tensor]:
+        """(aspect ratio in tiles, embeddings `[num_patch_tokens, hidden]` on the CPU)."""
+        if digest in self.cache:
+            self.cache.move_to_end(digest)
+            self.metrics.cache_hits.inc()
+            return self.cache[digest]
+        processed = self.processor.preprocess(decode_image(data, self.limits))
+        result = (processed.aspect_ratio, await self.encode_batch(processed.pixel_values))
+        if self.cache_size:
+            self.cache[digest] = result
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        return result
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def encode_batch(self, tiles: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.metrics.batch_size.observe(len(tiles))
+        with torch.inference_mode():
+            embeds = self.tower(torch.cat(tiles).to(self.device)).float().cpu()
+        rows = [t.shape[0] * self.tower.cfg.vision.tokens_per_tile for t in tiles]
+        return list(embeds.split(rows))

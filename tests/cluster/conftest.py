@@ -1,0 +1,76 @@
+"""A real local Ray cluster running the Herd Serve application on a synthetic checkpoint."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from model.synth import synthesize
+
+GRPC_SERVICERS = [
+    "deployments.pb.herd_pb2_grpc.add_HerdServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-scout")
+    synthesize(path, "tiny-scout", seed=3, dtype=torch.float32, progress=False)
+    return path
+
+
+class Served:
+    def __init__(self, http_port: int, grpc_port: int, model_dir):
+        self.http = f"http://127.0.0.1:{http_port}"
+        self.grpc = f"127.0.0.1:{grpc_port}"
+        self.model_dir = model_dir
+
+    def deploy(self, **config) -> None:
+        """(Re)deploy the app with this HerdConfig and wait until it is running."""
+        from ray import serve
+
+        from cluster.app import build_app
+
+        _kill_expert_pool()
+        serve.run(build_app({"model": str(self.model_dir), **config}), name="herd", route_prefix="/")
+
+
+def _kill_expert_pool() -> None:
+    import ray
+
+    from deployments.expert_shard import NAMESPACE, POOL_NAME
+
+    try:
+        ray.kill(ray.get_actor(POOL_NAME, namespace=NAMESPACE))
+    except ValueError:
+        pass
+
+
+def start_serve(http_port: int, grpc_port: int) -> None:
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint):
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=8, include_dashboard=False, namespace="herd-tests", log_to_driver=False)
+    http_port, grpc_port = free_port(), free_port()
+    start_serve(http_port, grpc_port)
+    yield Served(http_port, grpc_port, checkpoint)
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,132 @@
+"""Bad input on both APIs gets INVALID_ARGUMENT / HTTP 4xx with a message and never hurts a
+replica; a shard killed mid-generation fails its requests with UNAVAILABLE / 503 within seconds,
+restarts, and later requests succeed. Sharded experts give the colocated tokens."""
+
+import base64
+import threading
+import time
+
+import grpc
+import httpx
+import pytest
+import ray
+
+from deployments.engine.engine import Engine
+from deployments.engine.params import SamplingParams
+from deployments.pb import herd_pb2 as pb
+from deployments.pb import herd_pb2_grpc
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def stub(served):
+    return herd_pb2_grpc.HerdStub(grpc.insecure_channel(served.grpc))
+
+
+def grpc_error(served, request) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub(served).Generate(request, timeout=60))
+    return info.value
+
+
+@pytest.fixture(scope="module")
+def sharded(served):
+    served.deploy(router={"num_replicas": 2}, experts={"mode": "sharded", "num_shards": 2})
+    return served
+
+
+def test_two_routers_two_shards_equal_colocated(sharded, checkpoint):
+    offline = Engine.from_pretrained(checkpoint)
+    for seed in range(4):  # several requests, spread over both replicas
+        ids = [offline.tokenizer.bos_id] + [(seed * 37 + i * 11) % 500 + 3 for i in range(20)]
+        want = offline.generate([ids], GREEDY)[0].token_ids
+        req = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=ids),
+                                 sampling=pb.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        got = [t for c in stub(sharded).Generate(req, timeout=60) for t in c.token_ids]
+        assert got == want
+
+
+@pytest.mark.parametrize("request_kwargs, fragment", [
+    (dict(text=""), "empty"),
+    (dict(), "no prompt"),
+    (dict(model="gpt-9", text="hi"), "not served"),
+    (dict(text="hi", sampling=pb.SamplingParams(max_tokens=-5)), "max_tokens"),
+    (dict(prompt_token_ids=pb.TokenIds(ids=[1, 99999999])), "outside the vocabulary"),
+    (dict(prompt_token_ids=pb.TokenIds(ids=[i % 2000 + 3 for i in range(5000)])), "too long"),
+    (dict(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=[
+        pb.ContentPart(image=b"not an image"), pb.ContentPart(text="hi")])])), "image"),
+    (dict(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="wizard", content=[pb.ContentPart(text="x")])])), "role"),
+])
+def test_grpc_bad_input(sharded, request_kwargs, fragment):
+    err = grpc_error(sharded, pb.GenerateRequest(**request_kwargs))
+    expected = grpc.StatusCode.NOT_FOUND if fragment == "not served" else grpc.StatusCode.INVALID_ARGUMENT
+    assert err.code() == expected, err.details()
+    assert fragment in err.details()
+
+
+def _chat(content, **extra):
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
+
+
+@pytest.mark.parametrize("body, status", [
+    (_chat("hi", max_tokens=-1), 400),
+    (_chat("hi", model="nope"), 404),
+    (_chat([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"junk").decode()}}]), 400),
+    (_chat([{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]), 400),
+    ({"messages": "hello"}, 400),
+    (_chat("hi", temperature="hot"), 400),
+    ({"prompt": [i % 2000 + 3 for i in range(5000)], "max_tokens": 1}, 400),
+])
+def test_http_bad_input(sharded, body, status):
+    path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    r = httpx.post(sharded.http + path, json=body, timeout=60)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"]
+
+
+def test_http_not_json(sharded):
+    r = httpx.post(sharded.http + "/v1/chat/completions", content=b"{nope", timeout=30)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_still_healthy_after_bad_input(sharded):
+    r = httpx.post(sharded.http + "/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_killed_shard_fails_fast_then_recovers(sharded):
+    from deployments.expert_shard import NAMESPACE, POOL_NAME
+
+    pool = ray.get_actor(POOL_NAME, namespace=NAMESPACE)
+    shard, _ = ray.get(pool.shards_and_ranges.remote())[0]
+    long = pb.GenerateRequest(text="tell me a long story", sampling=pb.SamplingParams(
+        max_tokens=2000, temperature=0, ignore_eos=True))
+    errors, started = [], threading.Event()
+
+    def consume():
+        try:
+            for _ in stub(sharded).Generate(long, timeout=120):
+                started.set()
+        except grpc.RpcError as e:
+            errors.append((e, time.perf_counter()))
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    assert started.wait(60)
+    ray.kill(shard, no_restart=False)
+    killed = time.perf_counter()
+    thread.join(60)
+    assert errors, "the stream should have failed"
+    err, when = errors[0]
+    assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+    assert when - killed < 15
+    deadline = time.time() + 60
+    while True:  # the shard restarts (reloading its experts); then requests succeed again
+        try:
+            ok = list(stub(sharded).Generate(pb.GenerateRequest(text="again", sampling=pb.SamplingParams(
+                max_tokens=4, temperature=0, ignore_eos=True)), timeout=60))
+            break
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE and time.time() < deadline
+            time.sleep(1)
+    assert ok[-1].finish_reason == "length"
