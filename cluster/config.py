@@ -28,6 +28,7 @@ class ExpertsConfig(_Frozen):
     num_cpus_per_shard: float = Field(1.0, ge=0)
     num_gpus_per_shard: float = Field(0.0, ge=0)
     resources_per_shard: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per shard")
+    startup_timeout_s: float = Field(600.0, gt=0, description="how long a Router waits for the shards to load")
 
 
 class DeploymentOptions(_Frozen):
@@ -49,6 +50,12 @@ class VisionOptions(DeploymentOptions):
     cache_size: int = Field(256, ge=0, description="image embeddings kept by image hash")
 
 
+class RedisConfig(_Frozen):
+    url: str = Field(description="redis:// or rediss:// URL, without credentials")
+    password_env: str | None = Field(None, description="environment variable holding the password (never logged)")
+    ttl_s: int = Field(86400, ge=1, description="lifetime of a cached KV chunk")
+
+
 class HerdConfig(_Frozen):
     model: str = Field(description="checkpoint directory (Hugging Face layout)")
     served_model_name: str | None = Field(None, description="the model id clients name (default: directory name)")
@@ -59,6 +66,7 @@ class HerdConfig(_Frozen):
     vision: VisionOptions = Field(default_factory=VisionOptions)
     ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(num_cpus=0.5))
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    redis: RedisConfig | None = Field(None, description="the Redis server of the shared prefix cache")
 
     @property
     def model_name(self) -> str:

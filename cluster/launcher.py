@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 from cluster.config import HerdConfig
 
 log = logging.getLogger(__name__)
 RAY_PORT = 6390  # not 6379: that is Redis's
+RAY = str(Path(sys.executable).with_name("ray"))  # the ray CLI of this environment
 HTTP_PORT, GRPC_PORT, DASHBOARD_PORT = 8000, 9000, 8265
 GRPC_SERVICERS = [
     "deployments.pb.herd_pb2_grpc.add_HerdServicer_to_server",
@@ -38,7 +41,10 @@ def start_ray_head() -> None:
         return
     except ConnectionError:
         pass
-    subprocess.run(["ray", "start", "--head", f"--port={RAY_PORT}", "--dashboard-host=127.0.0.1",
+    # Logical CPUs, not cores: the Serve proxy, controller and every replica each reserve a share,
+    # which would not fit a 2-core machine otherwise; the engine threads share the real cores.
+    num_cpus = max(os.cpu_count() or 1, 8)
+    subprocess.run([RAY, "start", "--head", f"--port={RAY_PORT}", f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"], check=True,
                    capture_output=True)
     ray.init(address="auto", namespace="herd", log_to_driver=False)
@@ -50,6 +56,7 @@ def up(cfg: HerdConfig) -> dict[str, str]:
 
     from cluster.app import build_app
 
+    cfg = cfg.model_copy(update={"model": str(Path(cfg.model).resolve())})  # replicas run elsewhere
     start_ray_head()
     serve.start(http_options={"host": "0.0.0.0", "port": HTTP_PORT},
                 grpc_options=gRPCOptions(port=GRPC_PORT, grpc_servicer_functions=GRPC_SERVICERS))
@@ -86,4 +93,4 @@ def down() -> None:
         ray.kill(ray.get_actor(POOL_NAME, namespace=NAMESPACE))
     except (ConnectionError, ValueError):
         pass
-    subprocess.run(["ray", "stop", "--force"], check=False, capture_output=True)
+    subprocess.run([RAY, "stop", "--force"], check=False, capture_output=True)

@@ -89,6 +89,19 @@ def get_or_create_pool(model_path: str, cfg: ExpertsConfig, device: str) -> "ray
                               get_if_exists=True).remote(model_path, cfg.model_dump(), device)
 
 
+def wait_for_shards(pool, timeout_s: float) -> list[tuple]:
+    """The shards once every one has loaded its experts; a clear error if they cannot be placed."""
+    try:
+        shards = ray.get(pool.shards_and_ranges.remote(), timeout=timeout_s)
+        ray.get([handle.info.remote() for handle, _ in shards], timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as e:
+        raise ExpertsUnavailable(
+            f"expert shards not ready after {timeout_s:.0f} s: check that the cluster has the resources of "
+            "experts.num_shards bundles (num_cpus/num_gpus/resources_per_shard) free for the placement group"
+        ) from e
+    return shards
+
+
 class ShardedExperts:
     """`ExpertBackend` that sends each shard only the tokens routed to its experts and adds the
     results back (runs on the engine thread)."""

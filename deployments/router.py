@@ -17,7 +17,7 @@ from deployments.engine.async_engine import AsyncEngine
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
 from deployments.engine.sequence import ImageInput
-from deployments.expert_shard import ShardedExperts, get_or_create_pool
+from deployments.expert_shard import ShardedExperts, get_or_create_pool, wait_for_shards
 from deployments.metrics import RouterMetrics
 from deployments.request import GenerationDelta
 from model.checkpoint import load
@@ -42,9 +42,7 @@ class Router:
         self.metrics = RouterMetrics()
         backend = None
         if sharded:
-            pool = get_or_create_pool(cfg.model, cfg.experts, cfg.device)
-            shards = ray.get(pool.shards_and_ranges.remote())
-            ray.get([handle.info.remote() for handle, _ in shards])  # wait until every shard has loaded
+            shards = wait_for_shards(get_or_create_pool(cfg.model, cfg.experts, cfg.device), cfg.experts.startup_timeout_s)
             backend = ShardedExperts(shards, on_dispatch=self.metrics.record_dispatch)
         self.engine = AsyncEngine(Engine(model, Tokenizer.from_dir(cfg.model), cfg.engine, experts=backend))
         self._stats_task: asyncio.Task | None = None

@@ -68,7 +68,7 @@ def served(checkpoint):
     import ray
     from ray import serve
 
-    ray.init(num_cpus=8, include_dashboard=False, namespace="herd-tests", log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="herd-tests", log_to_driver=False)
     http_port, grpc_port = free_port(), free_port()
     start_serve(http_port, grpc_port)
     yield Served(http_port, grpc_port, checkpoint)

@@ -96,3 +96,39 @@ def test_http_completion_stream_with_token_ids(colocated, offline):
     assert len(chunks) > 1
     assert "".join(c["choices"][0]["text"] for c in chunks) == want.text
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_official_openai_client(colocated, offline):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{colocated.http}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == [colocated.model_dir.name]
+    messages = [{"role": "user", "content": "Say something."}]
+    want = offline.tokenizer.decode(offline_chat(offline, "Say something.", []), skip_special_tokens=True)
+    done = client.chat.completions.create(model=colocated.model_dir.name, messages=messages, max_tokens=12,
+                                          temperature=0, extra_body={"ignore_eos": True})
+    assert done.choices[0].message.content == want and done.usage.completion_tokens == 12
+    stream = client.chat.completions.create(model=colocated.model_dir.name, messages=messages, max_tokens=12,
+                                            temperature=0, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_grpc_health_and_models(colocated):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = grpc.insecure_channel(colocated.grpc)
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    models = grpc_stub(colocated).ListModels(pb.ListModelsRequest(), timeout=30)
+    assert [m.id for m in models.models] == [colocated.model_dir.name] and models.models[0].multimodal
+
+
+def test_grpc_unary_equals_streaming(colocated):
+    req = pb.GenerateRequest(text="One two three", sampling=grpc_sampling())
+    unary = grpc_stub(colocated).GenerateUnary(req, timeout=60)
+    streamed = list(grpc_stub(colocated).Generate(req, timeout=60))
+    assert list(unary.token_ids) == [t for c in streamed for t in c.token_ids]
+    assert unary.text == "".join(c.text for c in streamed) and unary.usage.completion_tokens == 12

@@ -45,10 +45,11 @@ applications:
       mode: {{ $v.experts.mode }}
       num_shards: {{ int $v.experts.numShards }}
       placement_strategy: {{ $v.experts.placementStrategy }}
-      gpus_per_shard: {{ $v.experts.gpusPerShard }}
-    limits:
+      num_gpus_per_shard: {{ $v.experts.gpusPerShard }}
+    engine:
       max_num_seqs: {{ int $v.limits.maxNumSeqs }}
       max_model_len: {{ int $v.limits.maxModelLen }}
+    limits:
       max_images_per_request: {{ int $v.limits.maxImagesPerRequest }}
   deployments:
   - name: Ingress

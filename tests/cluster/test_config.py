@@ -1,0 +1,34 @@
+"""The shipped Serve config is a valid Ray Serve config whose args are a valid HerdConfig, and
+bad configs fail with the field named."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from cluster.config import HerdConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_serve_config():
+    config = yaml.safe_load((ROOT / "cluster" / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "cluster.app:build_app"
+    cfg = HerdConfig.model_validate(app["args"])
+    assert cfg.experts.mode == "sharded" and cfg.engine.max_num_seqs == 64
+
+
+@pytest.mark.parametrize("args, field", [
+    ({}, "model"),
+    ({"model": "m", "experts": {"mode": "scattered"}}, "experts.mode"),
+    ({"model": "m", "router": {"num_replicas": 0}}, "router.num_replicas"),
+    ({"model": "m", "engine": {"block_size": "big"}}, "engine.block_size"),
+    ({"model": "m", "colour": "blue"}, "colour"),
+])
+def test_bad_config_names_the_field(args, field):
+    with pytest.raises(ValidationError, match=field.replace(".", r"\.")):
+        HerdConfig.model_validate(args)
