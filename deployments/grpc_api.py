@@ -39,7 +39,8 @@ def response_from_delta(d: GenerationDelta) -> pb.GenerateResponse:
                               logprobs=d.logprobs or [], finish_reason=d.finish_reason or "")
     if d.finish_reason:
         out.usage.CopyFrom(pb.Usage(prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens,
-                                    cached_tokens=d.cached_tokens))
+                                    cached_tokens=d.cached_tokens, cached_tokens_redis=d.cached_tokens_redis,
+                                    replica=d.replica))
     return out
 
 
@@ -48,4 +49,5 @@ def join_deltas(deltas: list[GenerationDelta]) -> GenerationDelta:
     last = deltas[-1]
     logprobs = [lp for d in deltas for lp in (d.logprobs or [])] or None
     return GenerationDelta(last.request_id, [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas),
-                           logprobs, last.finish_reason, last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+                           logprobs, last.finish_reason, last.prompt_tokens, last.completion_tokens, last.cached_tokens,
+                           last.cached_tokens_redis, last.replica)

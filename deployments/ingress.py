@@ -69,7 +69,7 @@ class Ingress:
             raise ModelNotFound(f"model {req.model!r} is not served here; this cluster serves {self.cfg.model_name!r}")
         ids, images = await self._prompt(req)
         response = self.router.options(stream=True).generate.remote(
-            req.request_id, ids, req.params, images, req.tenant)
+            req.request_id, ids, req.params, images, req.tenant, req.session_id)
         try:
             async for delta in response:
                 yield delta

@@ -1,5 +1,6 @@
 """Serving metrics through `ray.util.metrics` (the Ray dashboard and its Prometheus endpoint show
-them with a `ray_` prefix). Names match the Grafana dashboard in k8s/herd/dashboards/."""
+them with a `ray_` prefix, counters with a `_total` suffix). The Grafana dashboard in
+k8s/herd/dashboards/ reads the latency, token, KV, prefix-hit and expert metrics."""
 
 from __future__ import annotations
 
@@ -25,9 +26,15 @@ class RouterMetrics:
         self.dispatch = Histogram("herd_expert_dispatch_seconds", "MoE dispatch latency per layer",
                                   boundaries=LATENCY_BUCKETS, tag_keys=("layer",))
 
-    def record_finished(self, prompt_tokens: int, generated_tokens: int, cached_tokens: int) -> None:
+        self.missed = Counter("herd_prefix_cache_miss_tokens", "prompt tokens prefilled (no cache hit)")
+        self.redis = RedisMetrics()
+
+    def record_finished(self, prompt_tokens: int, generated_tokens: int, cached_tokens: int,
+                        cached_remote_tokens: int = 0) -> None:
         for counter, value, tags in ((self.prompt, prompt_tokens, None), (self.generated, generated_tokens, None),
-                                     (self.cached, cached_tokens, {"tier": "local"})):
+                                     (self.cached, cached_tokens - cached_remote_tokens, {"tier": "local"}),
+                                     (self.cached, cached_remote_tokens, {"tier": "redis"}),
+                                     (self.missed, prompt_tokens - cached_tokens, None)):
             if value > 0:  # ray's Counter refuses 0
                 counter.inc(value, tags=tags)
 
@@ -42,6 +49,40 @@ class RouterMetrics:
     def record_dispatch(self, layer: int, shard: int, num_tokens: int, seconds: float) -> None:
         self.expert_tokens.inc(num_tokens, tags={"shard": str(shard)})
         self.dispatch.observe(seconds, tags={"layer": str(layer)})
+
+
+class RedisMetrics:
+    """The shared prefix-cache tier, published from the tier's cumulative counters."""
+
+    def __init__(self) -> None:
+        self.bytes_read = Counter("herd_redis_read_bytes", "KV bytes read from Redis")
+        self.bytes_written = Counter("herd_redis_written_bytes", "KV bytes written to Redis")
+        self.writes_dropped = Counter("herd_redis_writes_dropped", "KV chunks not written: too many bytes in flight")
+        self.fetch = Histogram("herd_redis_fetch_seconds", "time to fetch and check a prompt's chunks",
+                               boundaries=LATENCY_BUCKETS)
+        self.skipped = Counter("herd_redis_fetches_skipped", "lookups not sent: recompute faster or Redis down")
+        self.integrity = Counter("herd_redis_integrity_failures", "stored values rejected", tag_keys=("reason",))
+        self.errors = Counter("herd_redis_errors", "failed Redis operations", tag_keys=("op",))
+        self.up = Gauge("herd_redis_up", "1 while the shared prefix cache is reachable")
+        self._seen: dict[str, int] = {}
+
+    def publish(self, tier, store) -> None:
+        self.up.set(0 if store.breaker.is_open else 1)
+        for counter, key, value, tags in (
+            (self.bytes_read, "read", store.stats.bytes_read, None),
+            (self.bytes_written, "written", store.stats.bytes_written, None),
+            (self.writes_dropped, "dropped", store.stats.writes_dropped, None),
+            (self.skipped, "skipped", tier.stats.skipped, None),
+            *((self.integrity, f"integrity:{r}", n, {"reason": r}) for r, n in tier.stats.integrity_failures.items()),
+            *((self.errors, f"errors:{op}", n, {"op": op}) for op, n in store.stats.errors.items()),
+        ):
+            delta = value - self._seen.get(key, 0)
+            if delta > 0:
+                counter.inc(delta, tags=tags)
+                self._seen[key] = value
+        seconds, tier.stats.fetch_seconds = tier.stats.fetch_seconds, []  # both on the event loop
+        for s in seconds:
+            self.fetch.observe(s)
 
 
 class VisionMetrics:

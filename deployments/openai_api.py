@@ -46,10 +46,13 @@ def _last(request_id: str, deltas: list[GenerationDelta]) -> GenerationDelta:
 
 
 def usage(delta: GenerationDelta) -> dict:
-    """OpenAI `usage` from a finishing delta; `cached_tokens` are the prompt tokens served from cache."""
+    """OpenAI `usage` from a finishing delta; `cached_tokens` are the prompt tokens served from cache.
+    Herd's extension `herd` says which Router replica served it and how many cached tokens came
+    from the shared Redis tier."""
     return {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens,
             "total_tokens": delta.prompt_tokens + delta.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": delta.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": delta.cached_tokens},
+            "herd": {"replica": delta.replica, "cached_tokens_redis": delta.cached_tokens_redis}}
 
 
 def _token_strings(delta: GenerationDelta, token_text: TokenText | None) -> list[str]:

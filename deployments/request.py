@@ -44,5 +44,7 @@ class GenerationDelta:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache, both tiers
+    cached_tokens_redis: int = 0  # of which loaded from the shared Redis tier
+    replica: str = ""  # the Router replica that served it (on the finishing delta)
     extra: dict = field(default_factory=dict)

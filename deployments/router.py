@@ -17,6 +17,7 @@ from deployments.engine.async_engine import AsyncEngine
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
 from deployments.engine.sequence import ImageInput
+from deployments.kvstore.setup import connect_tier
 from deployments.expert_shard import ShardedExperts, get_or_create_pool, wait_for_shards
 from deployments.metrics import RouterMetrics
 from deployments.request import GenerationDelta
@@ -44,27 +45,36 @@ class Router:
         if sharded:
             shards = wait_for_shards(get_or_create_pool(cfg.model, cfg.experts, cfg.device), cfg.experts.startup_timeout_s)
             backend = ShardedExperts(shards, on_dispatch=self.metrics.record_dispatch)
-        self.engine = AsyncEngine(Engine(model, Tokenizer.from_dir(cfg.model), cfg.engine, experts=backend))
+        engine = Engine(model, Tokenizer.from_dir(cfg.model), cfg.engine, experts=backend)
+        self.tier = connect_tier(cfg.redis, engine, cfg.model) if cfg.redis else None
+        self.engine = AsyncEngine(engine)
         self._stats_task: asyncio.Task | None = None
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         log.info("router ready (%s experts, %s)", cfg.experts.mode, device)
 
     async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                       images: Sequence[ImageInput] = (), cache_salt: str = "") -> AsyncIterator[GenerationDelta]:
+                       images: Sequence[ImageInput] = (), cache_salt: str = "",
+                       session_id: str = "") -> AsyncIterator[GenerationDelta]:
+        """Stream one request. `cache_salt` (the tenant) keys its prefix-cache entries; `session_id`
+        is read by the prefix-affinity request router in the caller (deployments/prefix_router.py)."""
         if self._stats_task is None:
             self._stats_task = asyncio.create_task(self._publish_stats())
         start = last = time.perf_counter()
         status = "error"
         try:
-            async for out in self.engine.generate(request_id, prompt_ids, params, images=images, cache_salt=cache_salt):
+            chunks, known = await self.tier.lookup(self.engine.engine, prompt_ids, images, cache_salt) if self.tier else ([], 0)
+            async for out in self.engine.generate(request_id, prompt_ids, params, images=images, cache_salt=cache_salt,
+                                                  remote_chunks=chunks, num_remote_chunks=known):
                 now = time.perf_counter()
                 (self.metrics.ttft if out.num_generated_tokens == 1 else self.metrics.itl).observe(now - last)
                 last = now
                 if out.finished:
                     status = "ok"
                     self.metrics.record_finished(out.num_prompt_tokens, out.num_generated_tokens,
-                                                 out.num_cached_tokens)
+                                                 out.num_cached_tokens, out.num_cached_remote_tokens)
                 yield GenerationDelta(out.request_id, out.token_ids, out.text, out.logprobs, out.finish_reason,
-                                      out.num_prompt_tokens, out.num_generated_tokens, out.num_cached_tokens)
+                                      out.num_prompt_tokens, out.num_generated_tokens, out.num_cached_tokens,
+                                      out.num_cached_remote_tokens, replica=self.replica_id if out.finished else "")
         finally:
             self.metrics.requests.inc(tags={"status": status})
             log.debug("request %s %s after %.3f s", request_id, status, time.perf_counter() - start)
@@ -72,7 +82,17 @@ class Router:
     async def _publish_stats(self) -> None:
         while True:
             self.metrics.record_stats(self.engine.stats())
+            if self.tier is not None:
+                await self.tier.store.probe()
+                self.metrics.redis.publish(self.tier, self.tier.store)
             await asyncio.sleep(1.0)
 
-    def stats(self) -> dict[str, int]:
-        return self.engine.stats()
+    def stats(self) -> dict:
+        stats = self.engine.stats()
+        if self.tier is not None:
+            t, s = self.tier.stats, self.tier.store.stats
+            stats["prefix_cache"] = {"redis_up": not self.tier.store.breaker.is_open, "hit_chunks": t.hit_chunks,
+                                     "miss_chunks": t.miss_chunks, "skipped": t.skipped,
+                                     "integrity_failures": dict(t.integrity_failures), "bytes_read": s.bytes_read,
+                                     "bytes_written": s.bytes_written, "errors": dict(s.errors)}
+        return stats

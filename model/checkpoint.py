@@ -8,6 +8,7 @@ and reads only rows `a..b` of every stacked expert tensor; the other experts nev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -48,6 +49,23 @@ def tensor_files(path: Path) -> dict[str, Path]:
         with safe_open(str(file), "pt") as f:
             names.update({name: file for name in f.keys()})
     return names
+
+
+def fingerprint(path: str | Path, sample_bytes: int = 1 << 16) -> str:
+    """A cheap identity of the checkpoint at `path`: config.json plus, for every weight file, its
+    size and first and last `sample_bytes` (the safetensors header and some weights). Two
+    checkpoints share it only if they are the same files; it keys the shared KV cache."""
+    path = Path(path)
+    h = hashlib.blake2b(digest_size=16, person=b"herd-model")
+    h.update((path / "config.json").read_bytes())
+    for file in sorted(set(tensor_files(path).values())):
+        size = file.stat().st_size
+        h.update(file.name.encode() + size.to_bytes(8, "little"))
+        with open(file, "rb") as f:
+            h.update(f.read(sample_bytes))
+            f.seek(max(0, size - sample_bytes))
+            h.update(f.read(sample_bytes))
+    return h.hexdigest()
 
 
 def load(

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Sequence
 
 from deployments.engine.engine import Engine
+from deployments.engine.kv_transfer import KVChunk
 from deployments.engine.params import SamplingParams
 from deployments.engine.request_state import RequestOutput
 from deployments.engine.sequence import ImageInput
@@ -33,7 +34,8 @@ class AsyncEngine:
         return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: fn(*args, **kwargs))
 
     async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, *,
-                       images: Sequence[ImageInput] = (), cache_salt: str = "") -> AsyncIterator[RequestOutput]:
+                       images: Sequence[ImageInput] = (), cache_salt: str = "",
+                       remote_chunks: Sequence[KVChunk] = (), num_remote_chunks: int = 0) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iterator early cancels the request."""
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._run())
@@ -42,7 +44,8 @@ class AsyncEngine:
         finished = False
         try:
             await self._call(self.engine.add_request, prompt_ids, params, request_id=request_id,
-                             images=images, cache_salt=cache_salt)
+                             images=images, cache_salt=cache_salt, remote_chunks=remote_chunks,
+                             num_remote_chunks=num_remote_chunks)
             self._wake.set()
             while not finished:
                 item = await queue.get()

@@ -21,6 +21,7 @@ from deployments.engine.config import EngineConfig
 from deployments.engine.experts import ColocatedExperts, ExpertBackend
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.kv_manager import KVManager
+from deployments.engine.kv_transfer import ChunkSink, KVChunk, KVTransfer, TierPolicy
 from deployments.engine.kv_sizing import plan_kv_groups
 from deployments.engine.params import SamplingParams
 from deployments.engine.request_state import RequestOutput, RequestState
@@ -70,6 +71,9 @@ class Engine:
         self.eos_ids = tuple(text.eos_token_id) or tokenizer.stop_ids
         self._states: dict[str, RequestState] = {}
         self._arrivals = itertools.count()
+        self.transfer: KVTransfer | None = None
+        self.sink: ChunkSink | None = None
+        self._cache = cache
         log.info("engine ready: %s; max_model_len %d", ", ".join(f"{g.name} KV {g.num_blocks} blocks x "
                  f"{len(g.layers)} layers" for g in groups), self.max_model_len)
 
@@ -80,10 +84,54 @@ class Engine:
 
         return cls(load(path, device=device, dtype=dtype), Tokenizer.from_dir(path), config)
 
+    # ---- the shared prefix-cache tier --------------------------------------------------------
+    def attach_tier(self, sink: ChunkSink) -> None:
+        """Offer every newly computed prompt chunk to `sink` and accept fetched chunks in
+        `add_request(remote_chunks=...)` (deployments/kvstore)."""
+        self.transfer = KVTransfer(self.kv, self._cache, TierPolicy(sink.chunk_tokens, self.config.block_size))
+        self.sink = sink
+
+    def prefix_chunks(self, prompt_ids: Seq[int], images: Seq[ImageInput] = (), cache_salt: str = "") -> tuple[list[bytes], int]:
+        """Digests of a prompt's reusable chunks, and how many leading ones the local cache holds
+        (a hint: read without the engine thread). Needs `attach_tier`."""
+        policy = self.transfer.policy
+        seq = Sequence("probe", list(prompt_ids), len(prompt_ids), SamplingParams(), -1,
+                       self.model.cfg.image_token_index, list(images), cache_salt)
+        bs, bpc = self.config.block_size, policy.blocks_per_chunk
+        digests = [seq.hash_of_block((j + 1) * bpc - 1, bs) for j in range(policy.prompt_chunks(len(seq.tokens)))]
+        full = [self.kv.pools[g.name] for g in self.kv.groups if g.chunk is None]
+        local = 0
+        while local < len(digests) and all(
+            pool.peek(seq.hash_of_block(b, bs), seq.block_tokens(b, bs)) for pool in full
+            for b in range(local * bpc, (local + 1) * bpc)
+        ):
+            local += 1
+        return digests, local
+
+    def _load_remote(self, seq: Sequence, chunks: Seq[KVChunk]) -> None:
+        loaded = [c for c in chunks if self.transfer.load(seq, c)]
+        if loaded:
+            ct = self.transfer.policy.chunk_tokens
+            seq.remote_span = (loaded[0].index * ct, (loaded[-1].index + 1) * ct)
+
+    def _export_chunks(self, seq: Sequence) -> None:
+        """Offer the prompt chunks `seq` completed (before their windowed blocks are freed)."""
+        policy = self.transfer.policy
+        total = policy.prompt_chunks(seq.num_prompt_tokens)
+        done = min(seq.num_computed // policy.chunk_tokens, total)
+        for j in range(max(seq.num_exported_chunks, seq.num_remote_chunks), done):
+            chunk = self.transfer.export(seq, j, policy.groups_for(self.kv.groups, j, total)) if self.sink.ready() else None
+            if chunk is not None:
+                self.sink.put(seq, chunk)
+        seq.num_exported_chunks = max(seq.num_exported_chunks, done)
+
     # ---- requests ----------------------------------------------------------------------------
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None, *,
-                    request_id: str | None = None, images: Seq[ImageInput] = (), cache_salt: str = "") -> str:
-        """Queue a request; raises InvalidInputError for a bad prompt, EngineOverloaded when full."""
+                    request_id: str | None = None, images: Seq[ImageInput] = (), cache_salt: str = "",
+                    remote_chunks: Seq[KVChunk] = (), num_remote_chunks: int = 0) -> str:
+        """Queue a request; raises InvalidInputError for a bad prompt, EngineOverloaded when full.
+        `remote_chunks`: prompt chunks fetched from the shared tier (loaded into the local cache);
+        `num_remote_chunks`: leading chunks the tier already holds (not offered again)."""
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._arrivals)}"
         if request_id in self._states:
@@ -97,6 +145,9 @@ class Engine:
         seq = Sequence(request_id, ids, len(ids), params, next(self._arrivals), self.model.cfg.image_token_index,
                        list(images), cache_salt, self._generator(params))
         self._check_images(seq)
+        seq.num_remote_chunks = num_remote_chunks
+        if remote_chunks and self.transfer is not None:
+            self._load_remote(seq, remote_chunks)
         self._states[request_id] = RequestState(seq, self.tokenizer, self.max_model_len, self.eos_ids)
         self.scheduler.add(seq)
         return request_id
@@ -134,6 +185,8 @@ class Engine:
         sampling = [c.seq for c in chunks if c.samples]
         for c in chunks:
             c.seq.num_computed += c.num_tokens
+            if self.sink is not None:
+                self._export_chunks(c.seq)
             self.kv.after_step(c.seq)
         if not sampling:
             return []

@@ -23,6 +23,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_generated_tokens: int
     num_cached_tokens: int
+    num_cached_remote_tokens: int = 0  # of num_cached_tokens, loaded from the shared (Redis) tier
 
 
 class RequestState:
@@ -56,5 +57,5 @@ class RequestState:
         return RequestOutput(
             seq.request_id, [token_id], delta, reason is not None, reason.value if reason else None,
             None if logprob is None else [logprob], seq.num_prompt_tokens, seq.num_generated,
-            seq.num_cached_prompt_tokens,
+            seq.num_cached_prompt_tokens, seq.num_cached_remote_tokens,
         )

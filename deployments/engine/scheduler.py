@@ -62,8 +62,11 @@ class Scheduler:
             seq = self.waiting[0]
             if self.cfg.enable_prefix_caching and not seq.tables:
                 hit = self.kv.match_prefix(seq)
+                self.kv.unpin(seq)
                 if seq.num_preemptions == 0:
                     seq.num_cached_prompt_tokens = min(hit, seq.num_prompt_tokens)
+                    start, end = seq.remote_span
+                    seq.num_cached_remote_tokens = max(0, min(hit, end) - start)
             n = min(seq.num_uncomputed, budget)
             if not self.kv.allocate(seq, n):
                 self._release(seq)

@@ -50,6 +50,13 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered: int = 0  # leading full blocks already offered to the prefix cache
     num_preemptions: int = 0
+    # The shared (Redis) tier: blocks loaded for this sequence, held until it is admitted; the token
+    # span they cover; leading prompt chunks known to be in the tier; chunks offered to it so far.
+    pinned: list[tuple[str, int]] = field(default_factory=list)
+    remote_span: tuple[int, int] = (0, 0)
+    num_remote_chunks: int = 0
+    num_exported_chunks: int = 0
+    num_cached_remote_tokens: int = 0  # of num_cached_prompt_tokens, those loaded from the tier
 
     def __post_init__(self) -> None:
         self._patch_image = self._patch_owners()

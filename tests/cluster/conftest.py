@@ -74,3 +74,52 @@ def served(checkpoint):
     yield Served(http_port, grpc_port, checkpoint)
     serve.shutdown()
     ray.shutdown()
+
+
+class RedisServer:
+    """A real redis-server on a free port, run as a cache (no persistence, LRU), restartable."""
+
+    def __init__(self, tmp_path):
+        import shutil
+
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.fail("redis-server is not installed: `apt-get install redis-server` (make test does it)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.dir = tmp_path
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        import redis
+
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--maxmemory", "256mb", "--maxmemory-policy",
+                                      "allkeys-lru", "--dir", str(self.dir)], stdout=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                if redis.Redis(port=self.port).ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        pytest.fail("redis-server did not start")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.kill()

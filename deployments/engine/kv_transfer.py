@@ -1,0 +1,118 @@
+"""Whole prefix chunks of KV in and out of the paged cache: the engine side of the shared (Redis)
+prefix-cache tier. The engine knows nothing about Redis; it hands out and takes in `KVChunk`s.
+
+A chunk is `chunk_tokens` positions (a whole number of blocks) of one sequence's prompt. It holds
+the KV of the NoPE ("full") layers always, and that of the chunked RoPE layers only when a later
+request ending its prefix near this chunk can use it (see `TierPolicy.groups_for`): a RoPE layer at
+position p attends only inside p's `attention_chunk_size` window, so KV of earlier windows is dead
+weight for every request that resumes after them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from deployments.engine.block_pool import NoFreeBlocks
+from deployments.engine.kv_cache import KVCache
+from deployments.engine.kv_manager import KVGroup, KVManager
+from deployments.engine.sequence import Sequence
+
+
+@dataclass
+class KVChunk:
+    index: int  # chunk number within the sequence (positions index*chunk_tokens ..)
+    digest: bytes  # chained hash of its last block: tenant salt, every earlier token, images
+    kv: dict[str, torch.Tensor]  # group name -> [layers of the group, 2 (k, v), chunk_tokens, KV heads, head_dim]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv.values())
+
+
+class ChunkSink(Protocol):
+    """Where the engine sends newly computed prompt chunks (the Redis writer)."""
+
+    chunk_tokens: int
+
+    def ready(self) -> bool:
+        """False when a chunk would be dropped anyway (too many bytes in flight): skip the copy."""
+
+    def put(self, seq: Sequence, chunk: KVChunk) -> None: ...
+
+
+@dataclass(frozen=True)
+class TierPolicy:
+    chunk_tokens: int
+    block_size: int
+
+    def __post_init__(self) -> None:
+        if self.chunk_tokens % self.block_size:
+            raise ValueError(f"chunk_tokens {self.chunk_tokens} must be a multiple of the KV block size {self.block_size}")
+
+    @property
+    def blocks_per_chunk(self) -> int:
+        return self.chunk_tokens // self.block_size
+
+    def prompt_chunks(self, num_prompt_tokens: int) -> int:
+        """Full chunks that a later request can reuse: never the prompt's last token (it must be
+        computed to sample), so chunks ending at or before `num_prompt_tokens - 1`."""
+        return (num_prompt_tokens - 1) // self.chunk_tokens
+
+    def groups_for(self, groups: list[KVGroup], index: int, num_chunks: int) -> list[KVGroup]:
+        """The groups whose KV chunk `index` stores when the sequence's reusable prefix has
+        `num_chunks` chunks: full-history groups always; a windowed group only when the chunk lies
+        in the window of the prefix end (the only place a resuming request still reads it)."""
+        end = num_chunks * self.chunk_tokens
+        start = index * self.chunk_tokens
+        return [g for g in groups if g.chunk is None or start >= end // g.chunk * g.chunk]
+
+
+class KVTransfer:
+    def __init__(self, kv: KVManager, cache: KVCache, policy: TierPolicy):
+        self.kv = kv
+        self.cache = cache
+        self.policy = policy
+
+    def export(self, seq: Sequence, index: int, groups: list[KVGroup]) -> KVChunk | None:
+        """Copy chunk `index` of `seq` (computed) to the CPU; None if its blocks are gone."""
+        bpc = self.policy.blocks_per_chunk
+        first = index * bpc
+        tables = {g.name: seq.tables.get(g.name, [])[first : first + bpc] for g in groups}
+        if any(len(t) < bpc or min(t) < 0 for t in tables.values()):
+            return None
+        kv = {}
+        for g in groups:
+            blocks = tables[g.name]
+            ids = torch.tensor(blocks, dtype=torch.long, device=self.cache.k[g.layers[0]].device)
+            parts = [torch.stack([self.cache.k[layer][ids], self.cache.v[layer][ids]]) for layer in g.layers]
+            kv[g.name] = torch.stack(parts).flatten(2, 3).to("cpu")
+        return KVChunk(index, seq.hash_of_block(first + bpc - 1, self.kv.block_size), kv)
+
+    def load(self, seq: Sequence, chunk: KVChunk) -> bool:
+        """Put a fetched chunk into the paged cache as local prefix-cache entries, pinned by `seq`
+        until it is admitted. Blocks already cached locally are reused. False if the pool is full."""
+        bs, bpc = self.kv.block_size, self.policy.blocks_per_chunk
+        for g in self.kv.groups:
+            data = chunk.kv.get(g.name)
+            if data is None:
+                continue
+            pool = self.kv.pools[g.name]
+            data = data.to(self.cache.k[g.layers[0]].device).unflatten(2, (bpc, bs))
+            for i in range(bpc):
+                b = chunk.index * bpc + i
+                digest, tokens = seq.hash_of_block(b, bs), seq.block_tokens(b, bs)
+                block = pool.lookup(digest, tokens)
+                if block is None:
+                    try:
+                        block = pool.allocate()
+                    except NoFreeBlocks:
+                        return False
+                    for n, layer in enumerate(g.layers):
+                        self.cache.k[layer][block] = data[n, 0, i]
+                        self.cache.v[layer][block] = data[n, 1, i]
+                    pool.register(block, digest, tokens)
+                seq.pinned.append((g.name, block))
+        return True

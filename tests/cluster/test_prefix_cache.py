@@ -1,0 +1,120 @@
+"""The Redis-backed prefix cache on a real cluster: 2 Router replicas, a real redis-server, gRPC.
+
+A document prefilled by one replica is loaded from Redis by the other and gives exactly the tokens
+of a cold run; tenants never share hits; bad values are rejected; losing Redis loses no request."""
+
+import time
+
+import grpc
+import pytest
+import torch
+
+from deployments.engine.config import EngineConfig
+from deployments.engine.engine import Engine
+from deployments.engine.params import SamplingParams
+from deployments.pb import herd_pb2 as pb
+from deployments.pb import herd_pb2_grpc
+
+CHUNK = 16
+MAX_TOKENS = 5
+
+
+@pytest.fixture(scope="module")
+def cluster(served, redis_server):
+    served.deploy(router={"num_replicas": 2, "num_cpus": 0.5}, routing={"policy": "power_of_two"},
+                  redis={"url": redis_server.url, "chunk_tokens": CHUNK, "fetch_policy": "always", "cooldown_s": 1.0})
+    return served
+
+
+@pytest.fixture(scope="module")
+def cold(checkpoint):
+    engine = Engine.from_pretrained(checkpoint, EngineConfig(enable_prefix_caching=False))
+
+    def run(ids: list[int]) -> list[int]:
+        return engine.generate([ids], SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))[0].token_ids
+    return run
+
+
+def document(seed: int, n: int = 120) -> list[int]:
+    return torch.randint(10, 250, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def ask(served, ids: list[int], tenant: str = "") -> pb.GenerateResponse:
+    stub = herd_pb2_grpc.HerdStub(grpc.insecure_channel(served.grpc))
+    sampling = pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    return stub.GenerateUnary(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=ids), sampling=sampling, tenant=tenant), timeout=60)
+
+
+def wait_for_keys(redis_server, at_least: int, timeout_s: float = 20) -> list[bytes]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        keys = redis_server.client().keys("herd:kv:*")
+        if len(keys) >= at_least:
+            return keys
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {at_least} KV chunks were written to Redis")
+
+
+def on_other_replica(served, doc: list[int], first: str, tenant: str = "", tries: int = 40):
+    """Ask new questions on `doc` until one lands on a replica other than `first`."""
+    for n in range(tries):
+        ids = doc + [7, 100 + n, 11]
+        out = ask(served, ids, tenant)
+        if out.usage.replica != first:
+            return ids, out
+    raise AssertionError("every request went to one replica")
+
+
+def test_follow_up_on_another_replica_loads_the_document_from_redis(cluster, redis_server, cold):
+    redis_server.client().flushall()
+    doc = document(1)
+    first = ask(cluster, doc + [5, 6, 7])
+    assert first.usage.cached_tokens == 0
+    wait_for_keys(redis_server, (len(doc) + 2) // CHUNK)
+    ids, out = on_other_replica(cluster, doc, first.usage.replica)
+    assert out.usage.cached_tokens_redis == len(doc) // CHUNK * CHUNK  # the whole document's chunks
+    assert list(out.token_ids) == cold(ids)
+
+
+def test_tenants_never_share_hits(cluster, redis_server):
+    redis_server.client().flushall()
+    doc = document(2)
+    ask(cluster, doc + [1], tenant="acme")
+    wait_for_keys(redis_server, len(doc) // CHUNK)
+    for n in range(4):  # whichever replica: neither tier may hit for another tenant
+        assert ask(cluster, doc + [2, n], tenant=f"globex-{n}").usage.cached_tokens == 0
+    assert ask(cluster, doc + [3], tenant="acme").usage.cached_tokens > 0
+
+
+def test_a_bad_value_ends_the_hit_and_never_reaches_the_output(cluster, redis_server, cold):
+    r = redis_server.client()
+    r.flushall()
+    doc = document(3)
+    first = ask(cluster, doc + [1])
+    keys = wait_for_keys(redis_server, len(doc) // CHUNK)
+    # Chunks are keyed by digest, not position: find the third chunk's value by its header index.
+    third = next(k for k in keys if b'"index": 2' in r.get(k)[:400])
+    value = r.get(third)
+    r.set(third, value.replace(value[value.index(b'"model": "') + 10:][:32], b"f" * 32, 1))  # a foreign model
+    ids, out = on_other_replica(cluster, doc, first.usage.replica)
+    assert out.usage.cached_tokens_redis == 2 * CHUNK  # chunks 0 and 1, then the rejected one
+    assert list(out.token_ids) == cold(ids)
+
+
+def test_requests_survive_redis_dying_and_the_cache_comes_back(cluster, redis_server, cold):
+    doc = document(4)
+    stub = herd_pb2_grpc.HerdStub(grpc.insecure_channel(cluster.grpc))
+    sampling = pb.SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    stream = stub.Generate(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=doc), sampling=sampling), timeout=60)
+    next(stream)
+    redis_server.kill()  # mid-run
+    assert sum(len(r.token_ids) for r in stream) == 23
+    for n in range(4):
+        ids = doc + [9, n]
+        assert list(ask(cluster, ids).token_ids) == cold(ids)
+    redis_server.start()
+    deadline = time.monotonic() + 30
+    while not redis_server.client().keys("herd:kv:*"):  # the breaker closes, writes resume
+        assert time.monotonic() < deadline, "the Routers did not reconnect to Redis"
+        ask(cluster, document(100 + int(time.monotonic() * 10) % 1000))
+        time.sleep(0.5)

@@ -1,0 +1,126 @@
+"""The engine side of the shared prefix-cache tier: chunks exported by one engine and loaded into
+another (a fresh replica) give exactly the tokens of a cold run, skip the loaded prefill, store
+windowed-layer KV only where a resuming request reads it, and leak no blocks."""
+
+import pytest
+import torch
+
+from deployments.engine.config import EngineConfig
+from deployments.engine.engine import Engine
+from deployments.engine.params import SamplingParams
+from deployments.engine.kv_manager import KVGroup
+from deployments.engine.kv_transfer import KVChunk, TierPolicy
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0)
+CHUNK = 16  # tokens per shared chunk; the checkpoint's attention chunk is 8
+
+
+class DictSink:
+    """An in-memory tier: the engine's contract without Redis (Redis is covered in tests/cluster)."""
+
+    chunk_tokens = CHUNK
+
+    def __init__(self, accept: bool = True):
+        self.chunks: dict[bytes, KVChunk] = {}
+        self.accept = accept
+
+    def ready(self) -> bool:
+        return self.accept
+
+    def put(self, seq, chunk: KVChunk) -> None:
+        self.chunks[chunk.digest] = chunk
+
+
+def engine_with(path, sink) -> Engine:
+    engine = Engine.from_pretrained(path, EngineConfig(block_size=4, max_num_batched_tokens=24, kv_cache_bytes=2**22))
+    engine.attach_tier(sink)
+    return engine
+
+
+def fetch(engine: Engine, sink: DictSink, ids, salt: str = "") -> tuple[list[KVChunk], int]:
+    digests, local = engine.prefix_chunks(ids, cache_salt=salt)
+    found = []
+    for d in digests[local:]:
+        if d not in sink.chunks:
+            break
+        found.append(sink.chunks[d])
+    return found, local
+
+
+def run(engine: Engine, ids, chunks=(), salt: str = ""):
+    rid = engine.add_request(ids, GREEDY, cache_salt=salt, remote_chunks=chunks, num_remote_chunks=len(chunks))
+    outs = []
+    while engine.has_unfinished():
+        outs += [o for o in engine.step() if o.request_id == rid]
+    return [t for o in outs for t in o.token_ids], outs[-1]
+
+
+@pytest.fixture(scope="module")
+def doc(scout_ckpt):
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(10, 200, (86,), generator=g).tolist()
+
+
+@pytest.fixture(scope="module")
+def long_window_ckpt(tmp_path_factory):
+    """Attention windows (32) longer than a shared chunk (16): windowed KV crosses the tier too."""
+    from tests.deployments.engine.conftest import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory, "tiny-scout", chunk=32)
+
+
+@pytest.mark.parametrize("ckpt", ["scout_ckpt", "long_window_ckpt"])
+def test_loaded_chunks_give_the_cold_tokens(request, ckpt, doc):
+    _, path = request.getfixturevalue(ckpt)
+    sink = DictSink()
+    writer = engine_with(path, sink)
+    run(writer, doc + [5, 6, 7])
+    assert len(sink.chunks) == (len(doc) + 3 - 1) // CHUNK  # every full prompt chunk but the last token's
+    windowed = [c.index for c in sink.chunks.values() if "chunked" in c.kv]
+    assert windowed == ([] if ckpt == "scout_ckpt" else [4])  # 5 chunks end at 80: only [64, 80) is in that window
+
+    question = doc + [9, 8, 7, 6]
+    cold, _ = run(engine_with(path, DictSink(accept=False)), question)
+    reader = engine_with(path, DictSink(accept=False))
+    chunks, local = fetch(reader, sink, question)
+    assert local == 0 and len(chunks) == len(doc) // CHUNK
+    warm, last = run(reader, question, chunks)
+    assert warm == cold
+    assert last.num_cached_remote_tokens == last.num_cached_tokens == len(chunks) * CHUNK
+    for pool in reader.kv.pools.values():  # everything released (cached entries stay revivable)
+        assert pool.num_used == 0 and not any(pool.ref_counts)
+
+
+def test_tenants_never_share_chunks(scout_ckpt, doc):
+    _, path = scout_ckpt
+    sink = DictSink()
+    run(engine_with(path, sink), doc + [1], salt="tenant-a")
+    reader = engine_with(path, DictSink(accept=False))
+    assert fetch(reader, sink, doc + [2], salt="tenant-b")[0] == []
+    assert fetch(reader, sink, doc + [2], salt="tenant-a")[0]
+
+
+def test_windowed_layers_are_stored_only_near_the_prefix_end():
+    groups = [KVGroup("full", (3,), None, 8), KVGroup("chunked", (0, 1, 2), 32, 8)]
+    policy = TierPolicy(chunk_tokens=16, block_size=4)
+    # 5 chunks = 80 tokens: the prefix ends in the window [64, 96); chunk 4 starts at 64.
+    assert [[g.name for g in policy.groups_for(groups, j, 5)] for j in range(5)] == [["full"]] * 4 + [["full", "chunked"]]
+    # a prefix ending on a window boundary needs no windowed KV at all
+    assert all([g.name for g in policy.groups_for(groups, j, 4)] == ["full"] for j in range(4))
+    with pytest.raises(ValueError, match="multiple of the KV block size"):
+        TierPolicy(chunk_tokens=10, block_size=4)
+
+
+def test_a_request_aborted_before_admission_releases_its_loaded_blocks(scout_ckpt, doc):
+    _, path = scout_ckpt
+    sink = DictSink()
+    run(engine_with(path, sink), doc + [1])
+    reader = engine_with(path, DictSink(accept=False))
+    chunks, _ = fetch(reader, sink, doc + [2])
+    rid = reader.add_request(doc + [2], GREEDY, remote_chunks=chunks)
+    pinned = sum(sum(1 for r in pool.ref_counts if r) for pool in reader.kv.pools.values())
+    assert pinned >= len(chunks) * CHUNK // 4  # the full group's blocks at least
+    assert reader.abort(rid)
+    for pool in reader.kv.pools.values():
+        assert not any(pool.ref_counts)  # unpinned
+    assert reader.kv.pools["full"].num_cached >= len(chunks) * CHUNK // 4  # still revivable

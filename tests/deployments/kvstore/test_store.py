@@ -1,0 +1,80 @@
+"""The Redis connection on a real redis-server: bulk reads and writes, passwords, failures that
+open the circuit breaker, and reconnection."""
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from deployments.kvstore.address import RedisAddress, redact
+from deployments.kvstore.store import Breaker, RedisKVStore
+from tests.cluster.conftest import RedisServer
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = RedisServer(tmp_path)
+    yield s
+    s.kill()
+
+
+def test_values_round_trip_through_pipelined_reads(server):
+    store = RedisKVStore(server.url)
+    values = [os.urandom(n) for n in (0, 1, 70_000, 3 << 20)]
+    for n, v in enumerate(values):
+        assert store.put(f"k{n}", lambda v=v: v, len(v), lambda: None)
+    store.flush()
+    got = asyncio.run(store.get_many([f"k{n}" for n in range(len(values))] + ["missing"]))
+    assert [bytes(g) for g in got[:-1]] == values and got[-1] is None
+    assert server.client().ttl("k1") > 0  # written with a TTL
+    assert store.stats.bytes_written == sum(map(len, values))
+
+
+def test_password_from_the_environment(tmp_path):
+    port_server = RedisServer(tmp_path)
+    port_server.client().config_set("requirepass", "s3cret")
+    try:
+        assert RedisKVStore(port_server.url, "s3cret").get_many_blocking(["x"]) == [None]
+        wrong = RedisKVStore(port_server.url, "nope")
+        assert wrong.get_many_blocking(["x"]) is None and wrong.stats.errors["get"] == 1
+    finally:
+        port_server.proc.kill()
+
+
+def test_a_dead_server_opens_the_breaker_and_a_restart_closes_it(server):
+    store = RedisKVStore(server.url, timeout_s=0.5, breaker=Breaker(failures_to_open=2, cooldown_s=0.2))
+    assert store.get_many_blocking(["a"]) == [None]
+    server.kill()
+    assert store.get_many_blocking(["a"]) is None and store.get_many_blocking(["a"]) is None
+    assert store.breaker.is_open and not store.can_write()
+    assert store.get_many_blocking(["a"]) is None  # skipped at once while open
+    assert store.stats.errors["get"] == 2
+    server.start()
+    time.sleep(0.25)
+    asyncio.run(store.probe())
+    assert not store.breaker.is_open and store.get_many_blocking(["a"]) == [None]
+
+
+def test_writes_beyond_the_byte_budget_are_dropped_and_counted(server):
+    store = RedisKVStore(server.url, max_inflight_bytes=100)
+    assert not store.put("big", lambda: b"x" * 200, 200, lambda: None)
+    assert store.stats.writes_dropped == 1
+
+
+def test_breaker_probes_once_per_cooldown():
+    now = [0.0]
+    b = Breaker(failures_to_open=1, cooldown_s=5, clock=lambda: now[0])
+    assert b.failure() and not b.allow()
+    now[0] = 5.0
+    assert b.allow() and not b.allow()  # one probe
+    assert b.success() and b.allow()
+
+
+def test_urls_never_carry_credentials():
+    assert redact("redis://user:pw@host:6380/0") == "redis://host:6380/0"
+    assert RedisAddress.parse("rediss://cache:6380/2") == RedisAddress("cache", 6380, 2, True)
+    with pytest.raises(ValueError, match="password_env"):
+        RedisAddress.parse("redis://:pw@host")
+    with pytest.raises(ValueError, match="redis://"):
+        RedisAddress.parse("http://host")
