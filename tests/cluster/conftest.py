@@ -29,10 +29,11 @@ def checkpoint(tmp_path_factory):
 
 
 class Served:
-    def __init__(self, http_port: int, grpc_port: int, model_dir):
+    def __init__(self, http_port: int, grpc_port: int, model_dir, metrics_port: int):
         self.http = f"http://127.0.0.1:{http_port}"
         self.grpc = f"127.0.0.1:{grpc_port}"
         self.model_dir = model_dir
+        self.metrics = f"http://127.0.0.1:{metrics_port}/metrics"  # Ray's Prometheus endpoint (this node)
 
     def deploy(self, **config) -> None:
         """(Re)deploy the app with this HerdConfig and wait until it is running."""
@@ -68,10 +69,12 @@ def served(checkpoint):
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="herd-tests", log_to_driver=False)
+    metrics_port = free_port()
+    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="herd-tests", log_to_driver=False,
+             _metrics_export_port=metrics_port)
     http_port, grpc_port = free_port(), free_port()
     start_serve(http_port, grpc_port)
-    yield Served(http_port, grpc_port, checkpoint)
+    yield Served(http_port, grpc_port, checkpoint, metrics_port)
     serve.shutdown()
     ray.shutdown()
 
