@@ -28,6 +28,7 @@ from deployments.grpc_api import join_deltas, request_from_pb, response_from_del
 from deployments.pb import herd_pb2 as pb
 from deployments.request import GenerationDelta, GenerationRequest, ImagePart
 from deployments.engine.sequence import ImageInput
+from deployments.logs import route_to_serve_logs
 from model.chat import encode_chat
 from model.config import Llama4Config
 from model.errors import ImageError, InvalidInputError
@@ -57,6 +58,7 @@ def _http_error(error: Exception) -> JSONResponse:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: dict, router: DeploymentHandle, vision: DeploymentHandle):
+        route_to_serve_logs()
         self.cfg = HerdConfig.model_validate(config)
         self.model_cfg = Llama4Config.from_dir(self.cfg.model)
         self.tokenizer = Tokenizer.from_dir(self.cfg.model)

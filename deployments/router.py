@@ -8,7 +8,6 @@ import logging
 import time
 from typing import AsyncIterator, Sequence
 
-import ray
 import torch
 from ray import serve
 
@@ -21,6 +20,7 @@ from deployments.kvstore.setup import connect_tier
 from deployments.expert_shard import ShardedExperts, get_or_create_pool, wait_for_shards
 from deployments.metrics import RouterMetrics
 from deployments.request import GenerationDelta
+from deployments.logs import route_to_serve_logs
 from model.checkpoint import load
 from model.tokenizer import Tokenizer
 
@@ -36,6 +36,7 @@ def resolve_device(device: str) -> tuple[str, torch.dtype]:
 @serve.deployment
 class Router:
     def __init__(self, config: dict):
+        route_to_serve_logs()
         cfg = HerdConfig.model_validate(config)
         device, dtype = resolve_device(cfg.device)
         sharded = cfg.experts.mode == "sharded"

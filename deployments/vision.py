@@ -11,6 +11,7 @@ from ray import serve
 from cluster.config import HerdConfig
 from deployments.metrics import VisionMetrics
 from deployments.router import resolve_device
+from deployments.logs import route_to_serve_logs
 from model.checkpoint import load_vision
 from model.image import ImageLimits, ImageProcessor, decode_image
 
@@ -18,6 +19,7 @@ from model.image import ImageLimits, ImageProcessor, decode_image
 @serve.deployment
 class VisionEncoder:
     def __init__(self, config: dict):
+        route_to_serve_logs()
         cfg = HerdConfig.model_validate(config)
         self.device, dtype = resolve_device(cfg.device)
         self.tower = load_vision(cfg.model, device=self.device, dtype=dtype)

@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory):
 
 
 class Served:
-    def __init__(self, http_port: int, grpc_port: int, model_dir, metrics_port: int):
+    def __init__(self, http_port: int, grpc_port: int, model_dir, metrics_port: int | None = None):
         self.http = f"http://127.0.0.1:{http_port}"
         self.grpc = f"127.0.0.1:{grpc_port}"
         self.model_dir = model_dir
