@@ -115,10 +115,13 @@ class Engine:
             seq.remote_span = (loaded[0].index * ct, (loaded[-1].index + 1) * ct)
 
     def _export_chunks(self, seq: Sequence) -> None:
-        """Offer the prompt chunks `seq` completed (before their windowed blocks are freed)."""
+        """Offer the chunks `seq` completed (before their windowed blocks are freed): prompt chunks
+        during prefill, then chunks of generated tokens (the next turn of a chat starts with them).
+        Windowed-layer KV goes with the chunks in the window of the prompt's reusable end, or of
+        the newest chunk once generation passes it."""
         policy = self.transfer.policy
-        total = policy.prompt_chunks(seq.num_prompt_tokens)
-        done = min(seq.num_computed // policy.chunk_tokens, total)
+        done = min(seq.num_computed, seq.num_tokens - 1) // policy.chunk_tokens
+        total = max(policy.prompt_chunks(seq.num_prompt_tokens), done)
         for j in range(max(seq.num_exported_chunks, seq.num_remote_chunks), done):
             chunk = self.transfer.export(seq, j, policy.groups_for(self.kv.groups, j, total)) if self.sink.ready() else None
             if chunk is not None:

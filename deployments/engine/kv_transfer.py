@@ -1,7 +1,7 @@
 """Whole prefix chunks of KV in and out of the paged cache: the engine side of the shared (Redis)
 prefix-cache tier. The engine knows nothing about Redis; it hands out and takes in `KVChunk`s.
 
-A chunk is `chunk_tokens` positions (a whole number of blocks) of one sequence's prompt. It holds
+A chunk is `chunk_tokens` positions (a whole number of blocks) of one sequence (prompt, then generated tokens). It holds
 the KV of the NoPE ("full") layers always, and that of the chunked RoPE layers only when a later
 request ending its prefix near this chunk can use it (see `TierPolicy.groups_for`): a RoPE layer at
 position p attends only inside p's `attention_chunk_size` window, so KV of earlier windows is dead

@@ -124,3 +124,24 @@ def test_a_request_aborted_before_admission_releases_its_loaded_blocks(scout_ckp
     for pool in reader.kv.pools.values():
         assert not any(pool.ref_counts)  # unpinned
     assert reader.kv.pools["full"].num_cached >= len(chunks) * CHUNK // 4  # still revivable
+
+
+@pytest.mark.parametrize("ckpt", ["scout_ckpt", "long_window_ckpt"])
+def test_the_next_chat_turn_loads_the_generated_answer_too(request, ckpt):
+    """Chunks of generated tokens are offered as well: the next turn (prompt + answer + new
+    question) loads them instead of prefilling the answer again."""
+    _, path = request.getfixturevalue(ckpt)
+    sink = DictSink()
+    writer = engine_with(path, sink)
+    prompt = torch.randint(10, 200, (30,), generator=torch.Generator().manual_seed(8)).tolist()
+    rid = writer.add_request(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    answer = []
+    while writer.has_unfinished():
+        answer += [t for o in writer.step() if o.request_id == rid for t in o.token_ids]
+    assert len(sink.chunks) == (len(prompt) + len(answer) - 1) // CHUNK == 4  # past the 30-token prompt
+    next_turn = prompt + answer + [3, 4, 5]
+    reader = engine_with(path, DictSink(accept=False))
+    chunks, _ = fetch(reader, sink, next_turn)
+    warm, last = run(reader, next_turn, chunks)
+    assert last.num_cached_remote_tokens == 4 * CHUNK
+    assert warm == run(engine_with(path, DictSink(accept=False)), next_turn)[0]
