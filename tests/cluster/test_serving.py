@@ -126,6 +126,16 @@ def test_grpc_health_and_models(colocated):
     assert [m.id for m in models.models] == [colocated.model_dir.name] and models.models[0].multimodal
 
 
+def test_grpc_reflection_lists_the_herd_service(colocated):
+    """grpcurl/grpcui work without the .proto file (Serve's proxy serves reflection)."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(colocated.grpc))
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30)
+    names = {s.name for r in replies for s in r.list_services_response.service}
+    assert {"herd.v1.Herd", "grpc.health.v1.Health"} <= names
+
+
 def test_grpc_unary_equals_streaming(colocated):
     req = pb.GenerateRequest(text="One two three", sampling=grpc_sampling())
     unary = grpc_stub(colocated).GenerateUnary(req, timeout=60)
