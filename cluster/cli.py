@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
+from pathlib import Path
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -215,7 +217,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_generate(sub)
     _add_cluster_commands(sub)
+    _add_bench(sub)
     return parser
+
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+BENCHMARKS = {"engine": "engine_bench.py", "serving": "serving_bench.py", "dispatch": "dispatch_bench.py",
+              "prefix-cache": "prefix_cache_bench.py"}
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark from bench/ (results: bench/RESULTS.md)",
+                       description="Run one of the benchmarks in bench/ with the arguments that follow; "
+                       "`herd bench NAME --help` lists them. " + ", ".join(
+                           f"{name}: bench/{file}" for name, file in BENCHMARKS.items()) + ".")
+    p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="its arguments")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args) -> int:
+    script = BENCH_DIR / BENCHMARKS[args.name]
+    if not script.is_file():
+        raise OSError(f"{script} not found: `herd bench` runs from a source checkout (pip install -e .)")
+    return subprocess.run([sys.executable, str(script), *args.bench_args]).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
