@@ -23,6 +23,7 @@ at the end.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -42,6 +43,7 @@ from deployments.engine.experts import ColocatedExperts  # noqa: E402
 from model.checkpoint import load  # noqa: E402
 from model.synth import synthesize  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
+from cluster.launcher import RAY_ENV  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -62,6 +64,7 @@ def start_shards(path: Path, args) -> list[tuple]:
     gpus = args.gpus_per_shard
     if gpus is None:
         gpus = min(1.0, torch.cuda.device_count() / args.num_shards) if args.device.startswith("cuda") else 0.0
+    os.environ.update(RAY_ENV)  # the Ray settings `herd up` and the chart use
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, namespace="herd-dispatch-bench",
              log_to_driver=False)
     cfg = ExpertsConfig(mode="sharded", num_shards=args.num_shards, num_cpus_per_shard=args.cpus_per_shard,

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import random
 import socket
 import sys
@@ -359,6 +360,9 @@ def run_started(args) -> tuple[dict[str, dict], str]:
         text = Llama4Config.from_dir(model_dir).text
         about = (f"{args.preset if not args.model else model_dir.name} ({text.num_hidden_layers} layers, "
                  f"hidden {text.hidden_size}, {text.num_local_experts} experts)")
+        from cluster.launcher import RAY_ENV
+
+        os.environ.update(RAY_ENV)  # the Ray settings `herd up` and the chart use
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, namespace="herd-serving-bench",
                  log_to_driver=False)
         try:

@@ -24,6 +24,9 @@ GRPC_SERVICERS = [
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 CACHE = Path.home() / ".cache" / "herd"
+# MoE dispatches (hidden states of a batch: up to a few MiB) go inline in the task RPC instead of
+# through the object store (Ray's default limit is 100 KiB); the Helm chart sets the same.
+RAY_ENV = {"RAY_max_direct_call_object_size": str(4 << 20)}
 REDIS_PORT = 6379
 REDIS_PIDFILE = CACHE / "redis.pid"
 STATE = CACHE / "up.json"  # what `herd up` started, for `herd status` / `herd down`
@@ -52,9 +55,10 @@ def start_ray_head() -> None:
     # Logical CPUs, not cores: the Serve proxy, controller and every replica each reserve a share,
     # which would not fit a 2-core machine otherwise; the engine threads share the real cores.
     num_cpus = max(os.cpu_count() or 1, 8)
+    env = {**os.environ, **RAY_ENV}
     subprocess.run([RAY, "start", "--head", f"--port={RAY_PORT}", f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"], check=True,
-                   capture_output=True)
+                   capture_output=True, env=env)
     ray.init(address="auto", namespace="herd", log_to_driver=False)
 
 

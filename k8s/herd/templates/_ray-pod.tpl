@@ -19,6 +19,9 @@ capabilities:
 {{- end -}}
 
 {{- define "herd.ray.env" -}}
+# MoE dispatches (a few MiB of hidden states) travel inline in the task RPC, not via the object store.
+- name: RAY_max_direct_call_object_size
+  value: "4194304"
 {{- if .Values.redis.auth.enabled }}
 {{ include "herd.redis.passwordEnv" (dict "root" . "name" "REDIS_PASSWORD") }}
 {{- end }}
