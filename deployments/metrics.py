@@ -26,6 +26,9 @@ class RouterMetrics:
         self.dispatch = Histogram("herd_expert_dispatch_seconds", "MoE dispatch latency per layer",
                                   boundaries=LATENCY_BUCKETS, tag_keys=("layer",))
 
+        self.expert_routed = Counter("herd_expert_routed_tokens", "tokens routed to each expert (all MoE layers)",
+                                     tag_keys=("expert",))
+        self._expert_seen: list[int] = []
         self.missed = Counter("herd_prefix_cache_miss_tokens", "prompt tokens prefilled (no cache hit)")
         self.redis = RedisMetrics()
 
@@ -45,6 +48,14 @@ class RouterMetrics:
             if key.startswith("kv_"):
                 _, group, kind = key.split("_")
                 (self.kv_used if kind == "used" else self.kv_free).set(value, tags={"group": group})
+
+    def record_expert_tokens(self, totals: list[int]) -> None:
+        """Publish the growth of the per-expert routed-token totals since the last call."""
+        seen = self._expert_seen or [0] * len(totals)
+        for expert, (now, before) in enumerate(zip(totals, seen)):
+            if now > before:
+                self.expert_routed.inc(now - before, tags={"expert": str(expert)})
+        self._expert_seen = list(totals)
 
     def record_dispatch(self, layer: int, shard: int, num_tokens: int, seconds: float) -> None:
         self.expert_tokens.inc(num_tokens, tags={"shard": str(shard)})

@@ -83,6 +83,7 @@ class Router:
     async def _publish_stats(self) -> None:
         while True:
             self.metrics.record_stats(self.engine.stats())
+            self.metrics.record_expert_tokens(self.engine.expert_tokens())
             if self.tier is not None:
                 await self.tier.store.probe()
                 self.metrics.redis.publish(self.tier, self.tier.store)

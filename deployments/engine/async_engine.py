@@ -83,6 +83,10 @@ class AsyncEngine:
             wrapped.__cause__ = error
             queue.put_nowait(wrapped)
 
+    def expert_tokens(self) -> list[int]:
+        """Tokens routed to each expert since start (all MoE layers)."""
+        return self.engine.runner.expert_tokens.tolist()
+
     def stats(self) -> dict[str, int]:
         """Scheduler and KV occupancy (read without the engine thread: approximate)."""
         e = self.engine

@@ -38,6 +38,10 @@ class ModelRunner:
         self.kv = kv
         self.cache = cache
         self.experts = experts
+        # Tokens routed to each expert, summed over MoE layers (load imbalance); stays on the
+        # device, read by the metrics publisher about once a second.
+        self.expert_tokens = torch.zeros(max(model.cfg.text.num_local_experts, 1), dtype=torch.long,
+                                         device=model.device)
         self.device = model.device
         self.inv_freq = text_inv_freq(model.cfg.text, self.device)
 
@@ -107,4 +111,5 @@ class ModelRunner:
         if not layer.is_moe:
             return ff(h)
         expert_ids, scores = ff.router.route(h)
+        self.expert_tokens += torch.bincount(expert_ids.flatten(), minlength=self.expert_tokens.numel())
         return ff.shared_expert(h) + self.experts.run(i, h, expert_ids, scores)

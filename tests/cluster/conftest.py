@@ -35,6 +35,20 @@ class Served:
         self.model_dir = model_dir
         self.metrics = f"http://127.0.0.1:{metrics_port}/metrics"  # Ray's Prometheus endpoint (this node)
 
+    def metric(self, name: str, label: str = "", timeout_s: float = 40) -> float:
+        """The sum of a metric over every series (replica) on Ray's Prometheus endpoint, once exported."""
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lines = [line for line in httpx.get(self.metrics, timeout=5).text.splitlines()
+                     if line.startswith(name + "{") and label in line]
+            if lines or time.monotonic() > deadline:
+                return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+            time.sleep(1)
+
     def deploy(self, **config) -> None:
         """(Re)deploy the app with this HerdConfig and wait until it is running."""
         from ray import serve

@@ -74,21 +74,8 @@ def test_follow_up_on_another_replica_loads_the_document_from_redis(cluster, red
     ids, out = on_other_replica(cluster, doc, first.usage.replica)
     assert out.usage.cached_tokens_redis == len(doc) // CHUNK * CHUNK  # the whole document's chunks
     assert list(out.token_ids) == cold(ids)
-    assert metric(cluster, "ray_herd_prefix_cache_hit_tokens_total", 'tier="redis"') >= len(doc) // CHUNK * CHUNK
-    assert metric(cluster, "ray_herd_redis_read_bytes_total") > 0
-
-
-def metric(served, name: str, label: str = "", timeout_s: float = 40) -> float:
-    """The sum of a metric over every series (replica) on Ray's Prometheus endpoint, once exported."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        lines = [line for line in httpx.get(served.metrics, timeout=5).text.splitlines()
-                 if line.startswith(name + "{") and label in line]
-        if lines or time.monotonic() > deadline:
-            return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
-        time.sleep(1)
+    assert cluster.metric("ray_herd_prefix_cache_hit_tokens_total", 'tier="redis"') >= len(doc) // CHUNK * CHUNK
+    assert cluster.metric("ray_herd_redis_read_bytes_total") > 0
 
 
 def test_tenants_never_share_hits(cluster, redis_server):
@@ -114,7 +101,7 @@ def test_a_bad_value_ends_the_hit_and_never_reaches_the_output(cluster, redis_se
     ids, out = on_other_replica(cluster, doc, first.usage.replica)
     assert out.usage.cached_tokens_redis == 2 * CHUNK  # chunks 0 and 1, then the rejected one
     assert list(out.token_ids) == cold(ids)
-    assert metric(cluster, "ray_herd_redis_integrity_failures_total", 'reason="foreign_model"') >= 1
+    assert cluster.metric("ray_herd_redis_integrity_failures_total", 'reason="foreign_model"') >= 1
 
 
 def test_requests_survive_redis_dying_and_the_cache_comes_back(cluster, redis_server, cold):
@@ -128,7 +115,7 @@ def test_requests_survive_redis_dying_and_the_cache_comes_back(cluster, redis_se
     for n in range(4):
         ids = doc + [9, n]
         assert list(ask(cluster, ids).token_ids) == cold(ids)
-    assert metric(cluster, "ray_herd_redis_errors_total") > 0  # the logs and metrics say so
+    assert cluster.metric("ray_herd_redis_errors_total") > 0  # the logs and metrics say so
     redis_server.start()
     deadline = time.monotonic() + 30
     while not redis_server.client().keys("herd:kv:*"):  # the breaker closes, writes resume

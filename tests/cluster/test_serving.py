@@ -142,3 +142,10 @@ def test_grpc_unary_equals_streaming(colocated):
     streamed = list(grpc_stub(colocated).Generate(req, timeout=60))
     assert list(unary.token_ids) == [t for c in streamed for t in c.token_ids]
     assert unary.text == "".join(c.text for c in streamed) and unary.usage.completion_tokens == 12
+
+
+def test_metrics_show_requests_and_expert_load(colocated):
+    """After the requests above: Ray's Prometheus endpoint has the Router's counters, including
+    the tokens routed to each expert (load imbalance)."""
+    assert colocated.metric("ray_herd_requests_total", 'status="ok"') > 0
+    assert colocated.metric("ray_herd_expert_routed_tokens_total") > 0

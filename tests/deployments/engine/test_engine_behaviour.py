@@ -147,3 +147,16 @@ def test_cli_generate_offline_json(path, capsys):
     want = engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=6, temperature=0.0))[0]
     assert got["token_ids"] == want.token_ids and got["finish_reason"] == want.finish_reason
     assert got["text"] == want.text
+
+
+def test_expert_load_counts_every_routed_token(engine):
+    """The per-expert counter behind `herd_expert_routed_tokens`: every token that ran through a MoE
+    layer counted top-k times, once per MoE layer."""
+    text = engine.model.cfg.text
+    other = [11 + i % 7 for i in range(20)]  # shares no prefix with LONG: no cache hits
+    engine.generate([LONG, other], greedy(5))
+    ran = (len(LONG) + 4) + (len(other) + 4)  # prompt + generated tokens fed back (the last one is not)
+    moe_layers = sum(text.is_moe_layer(i) for i in range(text.num_hidden_layers))
+    counts = engine.runner.expert_tokens
+    assert counts.numel() == text.num_local_experts
+    assert int(counts.sum()) == ran * moe_layers * text.num_experts_per_tok
