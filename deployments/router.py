@@ -8,10 +8,11 @@ import logging
 import time
 from typing import AsyncIterator, Sequence
 
+import ray
 import torch
 from ray import serve
 
-from cluster.config import HerdConfig
+from cluster.config import ExpertsConfig, HerdConfig
 from deployments.engine.async_engine import AsyncEngine
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
@@ -33,13 +34,24 @@ def resolve_device(device: str) -> tuple[str, torch.dtype]:
     return device, (torch.bfloat16 if device == "cuda" else torch.float32)
 
 
+def experts_are_sharded(experts: ExpertsConfig, cluster_gpus: float) -> bool:
+    """Sharded when configured, except on a cluster with one GPU (or none) whose shards would want
+    GPUs: there the experts run inside the Router (colocated), which is what one GPU can hold best."""
+    if experts.mode != "sharded":
+        return False
+    if experts.num_gpus_per_shard > 0 and cluster_gpus <= 1:
+        log.warning("experts.mode is sharded but the cluster has %g GPU: running the experts colocated", cluster_gpus)
+        return False
+    return True
+
+
 @serve.deployment
 class Router:
     def __init__(self, config: dict):
         route_to_serve_logs()
         cfg = HerdConfig.model_validate(config)
         device, dtype = resolve_device(cfg.device)
-        sharded = cfg.experts.mode == "sharded"
+        sharded = experts_are_sharded(cfg.experts, ray.cluster_resources().get("GPU", 0))
         model = load(cfg.model, device=device, dtype=dtype, experts=range(0, 0) if sharded else None)
         self.metrics = RouterMetrics()
         backend = None
@@ -51,7 +63,7 @@ class Router:
         self.engine = AsyncEngine(engine)
         self._stats_task: asyncio.Task | None = None
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        log.info("router ready (%s experts, %s)", cfg.experts.mode, device)
+        log.info("router ready (%s experts, %s)", "sharded" if sharded else "colocated", device)
 
     async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
                        images: Sequence[ImageInput] = (), cache_salt: str = "",

@@ -32,3 +32,14 @@ def test_shipped_serve_config():
 def test_bad_config_names_the_field(args, field):
     with pytest.raises(ValidationError, match=field.replace(".", r"\.")):
         HerdConfig.model_validate(args)
+
+
+def test_one_gpu_runs_the_experts_colocated():
+    from cluster.config import ExpertsConfig
+    from deployments.router import experts_are_sharded
+
+    gpu_shards = ExpertsConfig(mode="sharded", num_shards=2, num_gpus_per_shard=1)
+    assert not experts_are_sharded(gpu_shards, cluster_gpus=1)
+    assert experts_are_sharded(gpu_shards, cluster_gpus=16)
+    assert experts_are_sharded(ExpertsConfig(mode="sharded", num_shards=2), cluster_gpus=0)  # CPU shards
+    assert not experts_are_sharded(ExpertsConfig(), cluster_gpus=16)  # colocated as configured
