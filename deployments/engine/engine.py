@@ -109,7 +109,11 @@ class Engine:
         return digests, local
 
     def _load_remote(self, seq: Sequence, chunks: Seq[KVChunk]) -> None:
-        loaded = [c for c in chunks if self.transfer.load(seq, c)]
+        loaded = []
+        for chunk in chunks:  # in order; a full pool ends the run
+            if not self.transfer.load(seq, chunk):
+                break
+            loaded.append(chunk)
         if loaded:
             ct = self.transfer.policy.chunk_tokens
             seq.remote_span = (loaded[0].index * ct, (loaded[-1].index + 1) * ct)

@@ -100,7 +100,7 @@ class KVTransfer:
             if data is None:
                 continue
             pool = self.kv.pools[g.name]
-            data = data.to(self.cache.k[g.layers[0]].device).unflatten(2, (bpc, bs))
+            new: list[tuple[int, int, bytes, list[int]]] = []  # (index in chunk, block, digest, tokens)
             for i in range(bpc):
                 b = chunk.index * bpc + i
                 digest, tokens = seq.hash_of_block(b, bs), seq.block_tokens(b, bs)
@@ -109,10 +109,24 @@ class KVTransfer:
                     try:
                         block = pool.allocate()
                     except NoFreeBlocks:
+                        self._copy(g, data, new)
                         return False
-                    for n, layer in enumerate(g.layers):
-                        self.cache.k[layer][block] = data[n, 0, i]
-                        self.cache.v[layer][block] = data[n, 1, i]
-                    pool.register(block, digest, tokens)
+                    new.append((i, block, digest, tokens))
                 seq.pinned.append((g.name, block))
+            self._copy(g, data, new)
         return True
+
+    def _copy(self, g: KVGroup, data: torch.Tensor, new: list[tuple[int, int, bytes, list[int]]]) -> None:
+        """Write the chunk's rows for the newly allocated blocks (one indexed copy per layer), then
+        make them prefix-cache entries."""
+        if not new:
+            return
+        device = self.cache.k[g.layers[0]].device
+        rows = torch.tensor([i for i, *_ in new], dtype=torch.long)
+        blocks = torch.tensor([block for _, block, *_ in new], dtype=torch.long, device=device)
+        data = data.unflatten(2, (self.policy.blocks_per_chunk, self.kv.block_size))[:, :, rows].to(device)
+        for n, layer in enumerate(g.layers):
+            self.cache.k[layer][blocks] = data[n, 0]
+            self.cache.v[layer][blocks] = data[n, 1]
+        for _, block, digest, tokens in new:
+            self.kv.pools[g.name].register(block, digest, tokens)

@@ -145,3 +145,26 @@ def test_the_next_chat_turn_loads_the_generated_answer_too(request, ckpt):
     warm, last = run(reader, next_turn, chunks)
     assert last.num_cached_remote_tokens == 4 * CHUNK
     assert warm == run(engine_with(path, DictSink(accept=False)), next_turn)[0]
+
+
+def test_a_full_pool_loads_the_leading_chunks_that_fit(scout_ckpt, doc):
+    _, path = scout_ckpt
+    sink = DictSink()
+    run(engine_with(path, sink), doc + [1])
+    reader = Engine.from_pretrained(path, EngineConfig(block_size=4, max_num_batched_tokens=24, num_blocks_full=32,
+                                                       num_blocks_chunked=32))
+    reader.attach_tier(DictSink(accept=False))
+    chunks, _ = fetch(reader, sink, doc + [2])
+    assert len(chunks) == 5  # 80 tokens = 20 full-group blocks
+    held = [reader.kv.pools["full"].allocate() for _ in range(18)]  # another request's blocks: 14 left
+    rid = reader.add_request(doc + [2], GREEDY, remote_chunks=chunks)
+    assert reader.scheduler.waiting[0].remote_span == (0, 3 * CHUNK)  # 12 blocks loaded, chunk 3 did not fit
+    for block in held:
+        reader.kv.pools["full"].free(block)
+    outs = []
+    while reader.has_unfinished():
+        outs += [o for o in reader.step() if o.request_id == rid]
+    cold = Engine.from_pretrained(path, EngineConfig(block_size=4, max_num_batched_tokens=24))
+    assert [t for o in outs for t in o.token_ids] == run(cold, doc + [2])[0]
+    assert outs[-1].num_cached_remote_tokens == 3 * CHUNK
+    assert not any(reader.kv.pools["full"].ref_counts)
