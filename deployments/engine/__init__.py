@@ -5,3 +5,9 @@ streaming, in one process without Ray (the Router deployment embeds it).
     engine = Engine.from_pretrained("checkpoints/small-scout")
     print(engine.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))[0].text)
 """
+
+from deployments.engine.config import EngineConfig
+from deployments.engine.engine import Completion, Engine, EngineOverloaded
+from deployments.engine.params import SamplingParams
+
+__all__ = ["Completion", "Engine", "EngineConfig", "EngineOverloaded", "SamplingParams"]
