@@ -5,7 +5,8 @@ import json
 from helm_chart import by_kind
 
 PANELS = ["TTFT", "ITL", "Throughput (tokens/s)", "KV blocks used / free",
-          "Prefix hit rate by tier (local / redis)", "Expert tokens per shard"]
+          "Prefix hit rate by tier (local / redis)", "Expert tokens per shard", "Expert load per expert",
+          "Shared prefix cache (Redis)"]
 
 
 def test_dashboard_configmap_holds_the_panels(renders):
