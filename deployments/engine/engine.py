@@ -73,7 +73,6 @@ class Engine:
         self._arrivals = itertools.count()
         self.transfer: KVTransfer | None = None
         self.sink: ChunkSink | None = None
-        self._cache = cache
         log.info("engine ready: %s; max_model_len %d", ", ".join(f"{g.name} KV {g.num_blocks} blocks x "
                  f"{len(g.layers)} layers" for g in groups), self.max_model_len)
 
@@ -88,7 +87,7 @@ class Engine:
     def attach_tier(self, sink: ChunkSink) -> None:
         """Offer every newly computed prompt chunk to `sink` and accept fetched chunks in
         `add_request(remote_chunks=...)` (deployments/kvstore)."""
-        self.transfer = KVTransfer(self.kv, self._cache, TierPolicy(sink.chunk_tokens, self.config.block_size))
+        self.transfer = KVTransfer(self.kv, self.runner.cache, TierPolicy(sink.chunk_tokens, self.config.block_size))
         self.sink = sink
 
     def prefix_chunks(self, prompt_ids: Seq[int], images: Seq[ImageInput] = (), cache_salt: str = "") -> tuple[list[bytes], int]:
@@ -97,16 +96,10 @@ class Engine:
         policy = self.transfer.policy
         seq = Sequence("probe", list(prompt_ids), len(prompt_ids), SamplingParams(), -1,
                        self.model.cfg.image_token_index, list(images), cache_salt)
-        bs, bpc = self.config.block_size, policy.blocks_per_chunk
-        digests = [seq.hash_of_block((j + 1) * bpc - 1, bs) for j in range(policy.prompt_chunks(len(seq.tokens)))]
-        full = [self.kv.pools[g.name] for g in self.kv.groups if g.chunk is None]
-        local = 0
-        while local < len(digests) and all(
-            pool.peek(seq.hash_of_block(b, bs), seq.block_tokens(b, bs)) for pool in full
-            for b in range(local * bpc, (local + 1) * bpc)
-        ):
-            local += 1
-        return digests, local
+        bpc = policy.blocks_per_chunk
+        digests = [seq.hash_of_block((j + 1) * bpc - 1, self.config.block_size)
+                   for j in range(policy.prompt_chunks(len(seq.tokens)))]
+        return digests, self.kv.cached_leading_blocks(seq, len(digests) * bpc) // bpc
 
     def _load_remote(self, seq: Sequence, chunks: Seq[KVChunk]) -> None:
         loaded = []

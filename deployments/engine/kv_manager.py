@@ -59,11 +59,7 @@ class KVManager:
         """Attach the longest cached prefix of `seq` (full blocks, never its last token) and return
         its length in tokens. A RoPE group needs only the blocks of the chunk the prefix ends in."""
         bs = self.block_size
-        blocks = 0
-        for b in range((seq.num_tokens - 1) // bs):
-            if not self._cached_in(self._full_groups(), seq, b):
-                break
-            blocks = b + 1
+        blocks = self.cached_leading_blocks(seq, (seq.num_tokens - 1) // bs)
         while blocks and not all(
             self._cached_in([g], seq, b) for g in self.groups for b in range(self._first_needed_block(g, blocks * bs), blocks)
         ):
@@ -76,6 +72,15 @@ class KVManager:
         seq.num_computed = blocks * bs
         seq.num_registered = blocks
         return blocks * bs
+
+    def cached_leading_blocks(self, seq: Sequence, limit: int) -> int:
+        """How many of `seq`'s first `limit` blocks the full-history groups hold, in a leading run
+        (read-only: takes no references)."""
+        full = self._full_groups()
+        blocks = 0
+        while blocks < limit and self._cached_in(full, seq, blocks):
+            blocks += 1
+        return blocks
 
     def _full_groups(self) -> list[KVGroup]:
         return [g for g in self.groups if g.chunk is None]
