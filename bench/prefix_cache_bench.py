@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.config import RedisConfig  # noqa: E402
+from cluster.launcher import redis_cache_command  # noqa: E402
 from deployments.engine.config import EngineConfig  # noqa: E402
 from deployments.engine.engine import Engine  # noqa: E402
 from deployments.engine.params import SamplingParams  # noqa: E402
@@ -43,8 +44,7 @@ from model.tokenizer import Tokenizer  # noqa: E402
 
 def start_redis(port: int) -> subprocess.Popen:
     binary = shutil.which("redis-server") or sys.exit("redis-server is not installed: apt-get install redis-server")
-    proc = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no", "--maxmemory", "8gb",
-                             "--maxmemory-policy", "allkeys-lru"], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(redis_cache_command(binary, port, "8gb"), stdout=subprocess.DEVNULL)
     time.sleep(0.5)
     return proc
 

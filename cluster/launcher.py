@@ -80,6 +80,13 @@ def up(cfg: HerdConfig) -> dict[str, str]:
     return endpoints()
 
 
+def redis_cache_command(binary: str, port: int, maxmemory: str) -> list[str]:
+    """redis-server on loopback run as a cache: no persistence, `maxmemory` with LRU eviction
+    (what `herd up`, the tests and the benchmarks start)."""
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru"]
+
+
 def start_local_redis(cfg: RedisConfig) -> RedisConfig | None:
     """A local redis-server for the shared prefix cache, run as a cache: no persistence,
     `maxmemory` with LRU eviction. None (no shared tier) if redis-server is not installed."""
@@ -90,8 +97,7 @@ def start_local_redis(cfg: RedisConfig) -> RedisConfig | None:
         return None
     if not _redis_answers(cfg.url):
         CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run([redis_server, "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                        "no", "--maxmemory", cfg.maxmemory, "--maxmemory-policy", "allkeys-lru", "--daemonize", "yes",
+        subprocess.run([*redis_cache_command(redis_server, REDIS_PORT, cfg.maxmemory), "--daemonize", "yes",
                         "--pidfile", str(REDIS_PIDFILE), "--logfile", str(CACHE / "redis.log")], check=True)
         for _ in range(50):
             if _redis_answers(cfg.url):

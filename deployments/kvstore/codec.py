@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import struct
 import warnings
 import zlib
@@ -69,10 +70,7 @@ class KVLayout:
         return (len(layers), 2, self.chunk_tokens, self.num_kv_heads, self.head_dim)
 
     def bytes_per_token(self, group: str) -> int:
-        n = 1
-        for d in self.shape(group):
-            n *= d
-        return n * self.torch_dtype.itemsize // self.chunk_tokens
+        return math.prod(self.shape(group)) * self.torch_dtype.itemsize // self.chunk_tokens
 
 
 @dataclass(frozen=True)
@@ -130,7 +128,7 @@ def decode(ns: Namespace, value: bytes | bytearray, digest: bytes, index: int) -
     (crc,) = _U32.unpack_from(view, start + hlen)
     payload = view[start + hlen + 4 :]
     itemsize = ns.layout.torch_dtype.itemsize
-    sizes = {g: _numel(shape) * itemsize for g, shape in groups.items()}
+    sizes = {g: math.prod(shape) * itemsize for g, shape in groups.items()}
     if len(payload) != sum(sizes.values()):
         raise CorruptChunk("truncated", f"payload of {len(payload)} bytes, expected {sum(sizes.values())}")
     if zlib.crc32(payload) != crc:
@@ -143,9 +141,3 @@ def decode(ns: Namespace, value: bytes | bytearray, digest: bytes, index: int) -
             pos += sizes[g]
     return KVChunk(index, digest, kv)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

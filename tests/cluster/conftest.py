@@ -114,9 +114,10 @@ class RedisServer:
 
         import redis
 
-        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--maxmemory", "256mb", "--maxmemory-policy",
-                                      "allkeys-lru", "--dir", str(self.dir)], stdout=subprocess.DEVNULL)
+        from cluster.launcher import redis_cache_command
+
+        self.proc = subprocess.Popen([*redis_cache_command(self.binary, self.port, "256mb"), "--dir", str(self.dir)],
+                                     stdout=subprocess.DEVNULL)
         for _ in range(100):
             try:
                 if redis.Redis(port=self.port).ping():
