@@ -143,7 +143,7 @@ class RedisKVStore:
             key, encode, nbytes, done = item
             try:
                 value = encode()
-                if self._guarded("set", lambda c: c.set(key, value, ex=self.ttl_s)) is not None:
+                if self.write_blocking(key, value, self.ttl_s):
                     self.stats.bytes_written += len(value)
                     done()
             finally:

@@ -75,24 +75,20 @@ class RemoteTier:
     async def lookup(self, engine, prompt_ids: Seq[int], images: Seq[ImageInput] = (),
                      cache_salt: str = "") -> tuple[list[KVChunk], int]:
         """Chunks to load after the local prefix, and how many leading chunks Redis is known to hold."""
-
         try:
             digests, local = await asyncio.to_thread(engine.prefix_chunks, prompt_ids, images, cache_salt)
         except Exception:  # noqa: BLE001 -- a malformed request: the engine rejects it with a clear error
             return [], 0
-        wanted = digests[local:]
-        if not wanted:
-            return [], self._known_run(digests)
-        self.stats.lookups += 1
-        if not self.cost.worth_fetching(len(wanted) * self.chunk_tokens):
-            self.stats.skipped += 1
-            return [], self._known_run(digests)
-        start = time.perf_counter()
-        chunks = await self.fetch(wanted, local)
-        if chunks is None:
-            self.stats.skipped += 1
-            return [], self._known_run(digests)
-        self.stats.fetch_seconds.append(time.perf_counter() - start)
+        wanted, chunks = digests[local:], []
+        if wanted:
+            self.stats.lookups += 1
+            start = time.perf_counter()
+            fetched = await self.fetch(wanted, local) if self.cost.worth_fetching(len(wanted) * self.chunk_tokens) else None
+            if fetched is None:  # recomputing is faster, or Redis is unavailable
+                self.stats.skipped += 1
+            else:
+                chunks = fetched
+                self.stats.fetch_seconds.append(time.perf_counter() - start)
         return chunks, self._known_run(digests)
 
     async def fetch(self, digests: list[bytes], first_index: int) -> list[KVChunk] | None:
@@ -100,7 +96,6 @@ class RemoteTier:
         if Redis is unavailable. Batches of `batch_chunks` are pipelined (batch k+1 is requested
         before batch k is checked, so Redis sends while we check), and a miss or a bad value stops
         the reads there. Checking runs inline: on a worker thread it measured slower (GIL)."""
-
         batches = [digests[i : i + self.batch_chunks] for i in range(0, len(digests), self.batch_chunks)]
         read = lambda batch: asyncio.ensure_future(self.store.get_many([self.ns.key(d) for d in batch]))  # noqa: E731
         chunks: list[KVChunk] = []
