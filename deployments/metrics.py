@@ -6,6 +6,14 @@ from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+def inc_by_growth(counter: Counter, seen: dict, key, total: int, tags: dict | None = None) -> None:
+    """Feed `counter` from a cumulative `total` kept elsewhere: add what it grew since `seen[key]`."""
+    delta = total - seen.get(key, 0)
+    if delta > 0:
+        counter.inc(delta, tags=tags)
+        seen[key] = total
+
+
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 
 
@@ -28,7 +36,7 @@ class RouterMetrics:
 
         self.expert_routed = Counter("herd_expert_routed_tokens", "tokens routed to each expert (all MoE layers)",
                                      tag_keys=("expert",))
-        self._expert_seen: list[int] = []
+        self._expert_seen: dict[int, int] = {}
         self.missed = Counter("herd_prefix_cache_miss_tokens", "prompt tokens prefilled (no cache hit)")
         self.redis = RedisMetrics()
 
@@ -51,11 +59,8 @@ class RouterMetrics:
 
     def record_expert_tokens(self, totals: list[int]) -> None:
         """Publish the growth of the per-expert routed-token totals since the last call."""
-        seen = self._expert_seen or [0] * len(totals)
-        for expert, (now, before) in enumerate(zip(totals, seen)):
-            if now > before:
-                self.expert_routed.inc(now - before, tags={"expert": str(expert)})
-        self._expert_seen = list(totals)
+        for expert, total in enumerate(totals):
+            inc_by_growth(self.expert_routed, self._expert_seen, expert, total, {"expert": str(expert)})
 
     def record_dispatch(self, layer: int, shard: int, num_tokens: int, seconds: float) -> None:
         self.expert_tokens.inc(num_tokens, tags={"shard": str(shard)})
@@ -87,10 +92,7 @@ class RedisMetrics:
             *((self.integrity, f"integrity:{r}", n, {"reason": r}) for r, n in tier.stats.integrity_failures.items()),
             *((self.errors, f"errors:{op}", n, {"op": op}) for op, n in store.stats.errors.items()),
         ):
-            delta = value - self._seen.get(key, 0)
-            if delta > 0:
-                counter.inc(delta, tags=tags)
-                self._seen[key] = value
+            inc_by_growth(counter, self._seen, key, value, tags)
         seconds, tier.stats.fetch_seconds = tier.stats.fetch_seconds, []  # both on the event loop
         for s in seconds:
             self.fetch.observe(s)

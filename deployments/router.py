@@ -17,11 +17,11 @@ from deployments.engine.async_engine import AsyncEngine
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
 from deployments.engine.sequence import ImageInput
-from deployments.kvstore.setup import connect_tier
 from deployments.expert_shard import ShardedExperts, get_or_create_pool, wait_for_shards
+from deployments.kvstore.setup import connect_tier
+from deployments.logs import route_to_serve_logs
 from deployments.metrics import RouterMetrics
 from deployments.request import GenerationDelta
-from deployments.logs import route_to_serve_logs
 from model.checkpoint import load
 from model.tokenizer import Tokenizer
 
