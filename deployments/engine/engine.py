@@ -85,7 +85,7 @@ class Engine:
 
     # ---- the shared prefix-cache tier --------------------------------------------------------
     def attach_tier(self, sink: ChunkSink) -> None:
-        """Offer every newly computed prompt chunk to `sink` and accept fetched chunks in
+        """Offer every newly computed chunk (prompt, then answer) to `sink` and accept fetched chunks in
         `add_request(remote_chunks=...)` (deployments/kvstore)."""
         self.transfer = KVTransfer(self.kv, self.runner.cache, TierPolicy(sink.chunk_tokens, self.config.block_size))
         self.sink = sink
