@@ -41,6 +41,7 @@ from deployments.engine.config import EngineConfig  # noqa: E402
 from deployments.engine.engine import Engine  # noqa: E402
 from deployments.engine.experts import ColocatedExperts  # noqa: E402
 from model.checkpoint import load  # noqa: E402
+from model.device import default_dtype  # noqa: E402
 from model.synth import synthesize  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from cluster.launcher import RAY_ENV  # noqa: E402
@@ -58,7 +59,7 @@ def start_shards(path: Path, args) -> list[tuple]:
     """The production path: the ExpertPool actor places N shards in a placement group."""
     import ray
 
-    from cluster.config import ExpertsConfig
+    from deployments.config import ExpertsConfig
     from deployments.expert_shard import get_or_create_pool, wait_for_shards
 
     gpus = args.gpus_per_shard
@@ -144,7 +145,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32  # as ExpertShard
+    dtype = default_dtype(args.device)  # as ExpertShard
     with tempfile.TemporaryDirectory(prefix="herd-dispatch-bench-") as tmp:
         if args.model:
             path = Path(args.model).resolve()

@@ -25,6 +25,7 @@ from deployments.engine.config import EngineConfig  # noqa: E402
 from deployments.engine.engine import Engine  # noqa: E402
 from deployments.engine.params import SamplingParams  # noqa: E402
 from model.config import TextConfig  # noqa: E402
+from model.device import default_dtype  # noqa: E402
 from model.synth import synthesize  # noqa: E402
 
 
@@ -112,7 +113,7 @@ def main() -> None:
     ap.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth for the roofline fraction")
     ap.add_argument("--peak-tflops", type=float, help="peak dense TFLOP/s for MFU")
     args = ap.parse_args()
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    dtype = default_dtype(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp)
         cfg = synthesize(path, args.preset, num_layers=args.num_layers, vocab_size=args.vocab_size, dtype=dtype,

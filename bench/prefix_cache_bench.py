@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.config import RedisConfig  # noqa: E402
+from deployments.config import RedisConfig  # noqa: E402
 from cluster.launcher import redis_cache_command  # noqa: E402
 from deployments.engine.config import EngineConfig  # noqa: E402
 from deployments.engine.engine import Engine  # noqa: E402
@@ -38,6 +38,7 @@ from deployments.engine.kv_transfer import KVChunk  # noqa: E402
 from deployments.kvstore.codec import decode, encode  # noqa: E402
 from deployments.kvstore.setup import connect_tier  # noqa: E402
 from model.checkpoint import load  # noqa: E402
+from model.device import default_dtype  # noqa: E402
 from model.synth import synthesize  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 
@@ -50,7 +51,7 @@ def start_redis(port: int) -> subprocess.Popen:
 
 
 def make_engine(path: Path, args, redis_url: str) -> tuple[Engine, object]:
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = default_dtype(args.device)
     cfg = EngineConfig(max_num_batched_tokens=args.prefill_chunk, kv_cache_bytes=args.kv_cache_mb << 20,
                        max_model_len=args.doc_tokens + 256)
     engine = Engine(load(path, device=args.device, dtype=dtype), Tokenizer.from_dir(path), cfg)

@@ -321,7 +321,7 @@ def deploy(model_dir: Path, mode: str, args) -> None:
     from ray import serve
 
     from cluster.app import build_app
-    from cluster.config import HerdConfig
+    from deployments.config import HerdConfig
 
     _kill_expert_pool()
     sharded = mode == "sharded"

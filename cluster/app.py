@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from cluster.config import DeploymentOptions, HerdConfig, RoutingConfig
+from deployments.config import DeploymentOptions, HerdConfig, RoutingConfig
 
 
 def _options(opts: DeploymentOptions) -> dict:

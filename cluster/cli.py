@@ -82,7 +82,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.offline:
         if not args.model:
             raise SystemExit("herd generate --offline needs --model DIR")
-        from deployments.engine.offline import run_offline
+        from cluster.offline import run_offline
 
         out = run_offline(args)
     else:
@@ -98,7 +98,7 @@ def _generate_remote(args: argparse.Namespace):
     from types import SimpleNamespace
 
     from cluster.client import HerdClient, sampling, user_turn
-    from deployments.engine.offline import parse_ids
+    from cluster.offline import parse_ids
     from deployments.pb import herd_pb2 as pb
 
     params = sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, args.seed)
@@ -144,7 +144,7 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from cluster.config import HerdConfig
+    from deployments.config import HerdConfig
     from cluster.launcher import ensure_checkpoint, up
 
     if args.config:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster.config import HerdConfig, RedisConfig
+from deployments.config import HerdConfig, RedisConfig
 from deployments.kvstore.address import redact
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import torch
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.config import ExpertsConfig
+from deployments.config import ExpertsConfig
 from model.checkpoint import load_expert_shard
 from model.config import Llama4Config
 

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.config import HerdConfig
+from deployments.config import HerdConfig
 from deployments import openai_api as oai
 from deployments.errors import ModelNotFound, classify
 from deployments.grpc_api import join_deltas, request_from_pb, response_from_delta

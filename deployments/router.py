@@ -12,7 +12,7 @@ import ray
 import torch
 from ray import serve
 
-from cluster.config import ExpertsConfig, HerdConfig
+from deployments.config import ExpertsConfig, HerdConfig
 from deployments.engine.async_engine import AsyncEngine
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
@@ -23,15 +23,10 @@ from deployments.logs import route_to_serve_logs
 from deployments.metrics import RouterMetrics
 from deployments.request import GenerationDelta
 from model.checkpoint import load
+from model.device import default_dtype, resolve_device
 from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> tuple[str, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device, (torch.bfloat16 if device == "cuda" else torch.float32)
 
 
 def experts_are_sharded(experts: ExpertsConfig, cluster_gpus: float) -> bool:
@@ -50,7 +45,8 @@ class Router:
     def __init__(self, config: dict):
         route_to_serve_logs()
         cfg = HerdConfig.model_validate(config)
-        device, dtype = resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
+        dtype = default_dtype(device)
         sharded = experts_are_sharded(cfg.experts, ray.cluster_resources().get("GPU", 0))
         model = load(cfg.model, device=device, dtype=dtype, experts=range(0, 0) if sharded else None)
         self.metrics = RouterMetrics()

@@ -8,11 +8,11 @@ from collections import OrderedDict
 import torch
 from ray import serve
 
-from cluster.config import HerdConfig
+from deployments.config import HerdConfig
 from deployments.metrics import VisionMetrics
-from deployments.router import resolve_device
 from deployments.logs import route_to_serve_logs
 from model.checkpoint import load_vision
+from model.device import default_dtype, resolve_device
 from model.image import ImageLimits, ImageProcessor, decode_image
 
 
@@ -21,7 +21,8 @@ class VisionEncoder:
     def __init__(self, config: dict):
         route_to_serve_logs()
         cfg = HerdConfig.model_validate(config)
-        self.device, dtype = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device)
+        dtype = default_dtype(self.device)
         self.tower = load_vision(cfg.model, device=self.device, dtype=dtype)
         self.processor = ImageProcessor.from_vision_config(self.tower.cfg.vision)
         self.limits = ImageLimits(max_bytes=cfg.limits.max_image_bytes, max_pixels=cfg.limits.max_image_pixels)

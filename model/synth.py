@@ -21,7 +21,7 @@ from model.checkpoint import INDEX_FILE, SINGLE_FILE
 from model.config import Llama4Config
 from model.llama4 import Llama4
 from model.presets import SpecialIds, preset
-from model.tokenizer import write_synthetic_tokenizer
+from model.synth_tokenizer import write_synthetic_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,10 @@ from __future__ import annotations
 import codecs
 import json
 import operator
-import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _Backend
 
 from model.errors import InvalidInputError, TokenizerError
@@ -216,70 +214,3 @@ class IncrementalDetokenizer:
         text = self._utf8.decode(b"", final=True)
         self._utf8.reset()
         return text
-
-
-_WORDS = (
-    "the of and to in a is that for it as was with be by on not he I this are or his from at which but "
-    "have an they you were her she there been one all we their has would when if so no will can more "
-    "model token server request image expert router cache people time year way day thing man world life "
-    "hand part child eye woman place work week case point number group problem fact good new first last "
-    "long great little own other old right big high different small large next early young important"
-).split()
-_EXTRA = ["don't", "it's", "we're", "I'll", "you've", "café", "naïve", "日本語", "東京", "привет", "😀", "🚀"]
-
-
-def synthetic_corpus(seed: int = 0, sentences: int = 300) -> str:
-    """A deterministic English-ish training text (a few KB) for synthetic tokenizers."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(sentences):
-        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 12))]
-        if rng.random() < 0.3:
-            words.insert(rng.randrange(len(words)), rng.choice(_EXTRA))
-        if rng.random() < 0.2:
-            words.insert(rng.randrange(len(words)), str(rng.randint(0, 99999)))
-        sentence = " ".join(words)
-        lines.append(sentence[0].upper() + sentence[1:] + rng.choice([".", ".", "?", "!", ",", ";"]))
-    return "\n".join(lines) + "\n"
-
-
-def _build_backend(num_merges: int, seed: int) -> _Backend:
-    backend = _Backend(models.BPE(unk_token=None, byte_fallback=False))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA4_SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=256 + num_merges, show_progress=False, special_tokens=[],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(synthetic_corpus(seed).splitlines(keepends=True), trainer=trainer)
-    base = backend.get_vocab_size(with_added_tokens=True)
-    if base != 256 + num_merges:
-        raise TokenizerError(f"synthetic corpus gave {base - 256} merges, fewer than the {num_merges} asked for")
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA4_SPECIAL_TOKENS])
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, base)])
-    return backend
-
-
-def write_synthetic_tokenizer(out_dir: str | Path, *, num_merges: int = 256, seed: int = 0) -> Tokenizer:
-    """Train a small byte-level BPE with the Llama 4 layout and write it in the Hugging Face format.
-
-    Files: `tokenizer.json`, `tokenizer_config.json` (with the Llama 4 chat template),
-    `special_tokens_map.json`. Vocab: 256 bytes + `num_merges` merges + 2048 special tokens.
-    """
-    from model.chat import LLAMA4_CHAT_TEMPLATE
-
-    if num_merges < 0:
-        raise InvalidInputError(f"num_merges must be >= 0, got {num_merges}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    backend = _build_backend(num_merges, seed)
-    backend.save(str(out / "tokenizer.json"))
-    names = {"bos_token": BOS, "eos_token": "<|eot|>", "pad_token": PAD}
-    config = {**names, "chat_template": LLAMA4_CHAT_TEMPLATE, "model_max_length": 131072,
-              "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              "model_input_names": ["input_ids", "attention_mask"], "padding_side": "left"}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2) + "\n")
-    return Tokenizer.from_dir(out)

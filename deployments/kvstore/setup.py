@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from cluster.config import RedisConfig
+from deployments.config import RedisConfig
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
 from deployments.kvstore.codec import KVLayout, Namespace

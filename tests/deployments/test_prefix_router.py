@@ -12,7 +12,7 @@ from ray.serve._private.common import DeploymentHandleSource, DeploymentID, Requ
 from ray.serve.request_router import PendingRequest, ReplicaID
 
 from cluster.app import _request_router
-from cluster.config import HerdConfig, RoutingConfig
+from deployments.config import HerdConfig, RoutingConfig
 from deployments.prefix_router import AffinityTable, Decision, Match, PrefixAffinityRouter, decide, is_overloaded
 
 C = 4  # tokens per chunk in these tests

@@ -38,7 +38,7 @@ def test_serve_config_follows_the_herd_contract(renders, case):
     assert args["model"].startswith("/models/")
     assert args["redis"]["password_env"] == "REDIS_PASSWORD"
     # The args are exactly what cluster.app:build_app validates: a HerdConfig.
-    from cluster.config import HerdConfig
+    from deployments.config import HerdConfig
 
     cfg = HerdConfig.model_validate(args)
     assert cfg.experts.mode == args["experts"]["mode"] and cfg.redis.url == args["redis"]["url"]

@@ -2,7 +2,8 @@
 
 import pytest
 
-from model.tokenizer import Tokenizer, write_synthetic_tokenizer
+from model.synth_tokenizer import write_synthetic_tokenizer
+from model.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="session")

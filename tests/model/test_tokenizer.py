@@ -8,12 +8,8 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from model.errors import InvalidInputError, TokenizerError
-from model.tokenizer import (
-    LLAMA4_SPECIAL_TOKENS,
-    IncrementalDetokenizer,
-    Tokenizer,
-    write_synthetic_tokenizer,
-)
+from model.synth_tokenizer import write_synthetic_tokenizer
+from model.tokenizer import LLAMA4_SPECIAL_TOKENS, IncrementalDetokenizer, Tokenizer
 
 NUM_MERGES = 256
 BASE = 256 + NUM_MERGES

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 import torch
 
-from cluster.config import RedisConfig
+from deployments.config import RedisConfig
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams

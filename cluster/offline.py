@@ -1,15 +1,14 @@
-"""`herd generate --offline`: one prompt through an in-process engine."""
+"""`herd generate --offline`: one prompt through an in-process engine (no Ray)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import torch
-
 from deployments.engine.engine import Completion, Engine
 from deployments.engine.inputs import image_digest, prepare_prompt
 from deployments.engine.params import SamplingParams
+from model.device import default_dtype
 from model.errors import InvalidInputError
 from model.image import ImageLimits, decode_image
 
@@ -22,7 +21,7 @@ def parse_ids(text: str) -> list[int]:
 
 
 def run_offline(args: argparse.Namespace) -> Completion:
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    dtype = default_dtype(args.device)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype)
     tok = engine.tokenizer
     data = [Path(f).read_bytes() for f in args.image]

@@ -8,7 +8,7 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.config import HerdConfig
+from deployments.config import HerdConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +35,7 @@ def test_bad_config_names_the_field(args, field):
 
 
 def test_one_gpu_runs_the_experts_colocated():
-    from cluster.config import ExpertsConfig
+    from deployments.config import ExpertsConfig
     from deployments.router import experts_are_sharded
 
     gpu_shards = ExpertsConfig(mode="sharded", num_shards=2, num_gpus_per_shard=1)
