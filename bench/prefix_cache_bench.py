@@ -64,13 +64,13 @@ def ttft(engine: Engine, tier, ids: list[int], device: str) -> tuple[float, int]
     """Seconds to the first token (lookup + fetch + load + remaining prefill), and Redis-hit tokens."""
     start = time.perf_counter()
     chunks, known = asyncio.run(tier.lookup(engine, ids)) if tier is not None else ([], 0)
-    rid = engine.add_request(ids, SamplingParams(max_tokens=1, temperature=0), remote_chunks=chunks,
-                             num_remote_chunks=known)
+    rid = engine.add_request(ids, SamplingParams(max_tokens=1, temperature=0), shared_chunks=chunks,
+                             num_shared_chunks=known)
     remote = 0
     while engine.has_unfinished():
         for out in engine.step():
             if out.request_id == rid:
-                remote = out.num_cached_remote_tokens
+                remote = out.num_cached_tokens_shared
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, remote

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
+from deployments.engine.output import RequestOutput
 from deployments.engine.params import SamplingParams
 from deployments.pb import herd_pb2 as pb
-from deployments.request import ChatTurn, GenerationDelta, GenerationRequest, ImagePart
+from deployments.request import ChatTurn, GenerationRequest, ImagePart
 from model.errors import InvalidInputError
 
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed")
@@ -34,20 +36,18 @@ def request_from_pb(r: pb.GenerateRequest) -> GenerationRequest:
     return GenerationRequest(messages=turns, **common)
 
 
-def response_from_delta(d: GenerationDelta) -> pb.GenerateResponse:
+def response_from_output(d: RequestOutput) -> pb.GenerateResponse:
     out = pb.GenerateResponse(request_id=d.request_id, token_ids=d.token_ids, text=d.text,
                               logprobs=d.logprobs or [], finish_reason=d.finish_reason or "")
     if d.finish_reason:
-        out.usage.CopyFrom(pb.Usage(prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens,
-                                    cached_tokens=d.cached_tokens, cached_tokens_redis=d.cached_tokens_redis,
+        out.usage.CopyFrom(pb.Usage(prompt_tokens=d.num_prompt_tokens, completion_tokens=d.num_generated_tokens,
+                                    cached_tokens=d.num_cached_tokens, cached_tokens_shared=d.num_cached_tokens_shared,
                                     replica=d.replica))
     return out
 
 
-def join_deltas(deltas: list[GenerationDelta]) -> GenerationDelta:
-    """The whole completion as one delta (the unary RPC, non-streaming HTTP)."""
-    last = deltas[-1]
-    logprobs = [lp for d in deltas for lp in (d.logprobs or [])] or None
-    return GenerationDelta(last.request_id, [t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas),
-                           logprobs, last.finish_reason, last.prompt_tokens, last.completion_tokens, last.cached_tokens,
-                           last.cached_tokens_redis, last.replica)
+def join_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """The whole completion as one output (the unary RPC, non-streaming HTTP)."""
+    logprobs = [lp for d in outputs for lp in (d.logprobs or [])] or None
+    return replace(outputs[-1], token_ids=[t for d in outputs for t in d.token_ids],
+                   text="".join(d.text for d in outputs), logprobs=logprobs)

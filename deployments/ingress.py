@@ -24,9 +24,10 @@ from ray.serve.handle import DeploymentHandle
 from deployments.config import HerdConfig
 from deployments import openai_api as oai
 from deployments.errors import ModelNotFound, classify
-from deployments.grpc_api import join_deltas, request_from_pb, response_from_delta
+from deployments.grpc_api import join_outputs, request_from_pb, response_from_output
 from deployments.pb import herd_pb2 as pb
-from deployments.request import GenerationDelta, GenerationRequest, ImagePart
+from deployments.request import GenerationRequest, ImagePart
+from deployments.engine.output import RequestOutput
 from deployments.engine.sequence import ImageInput
 from deployments.logs import route_to_serve_logs
 from model.chat import encode_chat
@@ -66,7 +67,7 @@ class Ingress:
         self.vision = vision
 
     # ---- the request path shared by both APIs ------------------------------------------------
-    async def stream(self, req: GenerationRequest) -> AsyncIterator[GenerationDelta]:
+    async def stream(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
         if req.model and req.model != self.cfg.model_name:
             raise ModelNotFound(f"model {req.model!r} is not served here; this cluster serves {self.cfg.model_name!r}")
         ids, images = await self._prompt(req)
@@ -111,14 +112,14 @@ class Ingress:
     async def Generate(self, request: pb.GenerateRequest, grpc_context):  # noqa: N802 (gRPC method name)
         try:
             async for delta in self.stream(request_from_pb(request)):
-                yield response_from_delta(delta)
+                yield response_from_output(delta)
         except Exception as e:  # noqa: BLE001 -- every failure becomes a status code
             _set_grpc_error(grpc_context, e)
             raise
 
     async def GenerateUnary(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:  # noqa: N802
         try:
-            return response_from_delta(join_deltas([d async for d in self.stream(request_from_pb(request))]))
+            return response_from_output(join_outputs([d async for d in self.stream(request_from_pb(request))]))
         except Exception as e:  # noqa: BLE001
             _set_grpc_error(grpc_context, e)
             raise

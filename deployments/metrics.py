@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from deployments.engine.output import RequestOutput
+
+
 def inc_by_growth(counter: Counter, seen: dict, key, total: int, tags: dict | None = None) -> None:
     """Feed `counter` from a cumulative `total` kept elsewhere: add what it grew since `seen[key]`."""
     delta = total - seen.get(key, 0)
@@ -40,12 +43,14 @@ class RouterMetrics:
         self.missed = Counter("herd_prefix_cache_miss_tokens", "prompt tokens prefilled (no cache hit)")
         self.redis = RedisMetrics()
 
-    def record_finished(self, prompt_tokens: int, generated_tokens: int, cached_tokens: int,
-                        cached_remote_tokens: int = 0) -> None:
-        for counter, value, tags in ((self.prompt, prompt_tokens, None), (self.generated, generated_tokens, None),
-                                     (self.cached, cached_tokens - cached_remote_tokens, {"tier": "local"}),
-                                     (self.cached, cached_remote_tokens, {"tier": "redis"}),
-                                     (self.missed, prompt_tokens - cached_tokens, None)):
+    def record_finished(self, out: RequestOutput) -> None:
+        """Token counts of a finished request (its last output)."""
+        local = out.num_cached_tokens - out.num_cached_tokens_shared
+        for counter, value, tags in ((self.prompt, out.num_prompt_tokens, None),
+                                     (self.generated, out.num_generated_tokens, None),
+                                     (self.cached, local, {"tier": "local"}),
+                                     (self.cached, out.num_cached_tokens_shared, {"tier": "shared"}),
+                                     (self.missed, out.num_prompt_tokens - out.num_cached_tokens, None)):
             if value > 0:  # ray's Counter refuses 0
                 counter.inc(value, tags=tags)
 

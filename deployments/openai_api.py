@@ -20,7 +20,7 @@ from typing import Callable
 from deployments.openai_schema import (ChatCompletionRequest, ChatMessage, CompletionRequest, ContentPart, ImageURL,
                                        StreamOptions, decode_data_url, parse_chat_request, parse_completion_request,
                                        to_generation_request)
-from deployments.request import GenerationDelta
+from deployments.engine.output import RequestOutput
 
 __all__ = [
     "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "ContentPart", "ImageURL", "StreamOptions",
@@ -40,22 +40,22 @@ def _response_id(prefix: str, request_id: str) -> str:
     return request_id if request_id.startswith(prefix) else prefix + request_id
 
 
-def _last(request_id: str, deltas: list[GenerationDelta]) -> GenerationDelta:
+def _last(request_id: str, deltas: list[RequestOutput]) -> RequestOutput:
     """The finishing delta (it carries the finish reason and usage); an empty one if there is none."""
-    return deltas[-1] if deltas else GenerationDelta(request_id, [], "")
+    return deltas[-1] if deltas else RequestOutput(request_id, [], "")
 
 
-def usage(delta: GenerationDelta) -> dict:
-    """OpenAI `usage` from a finishing delta; `cached_tokens` are the prompt tokens served from cache.
-    Herd's extension `herd` says which Router replica served it and how many cached tokens came
-    from the shared Redis tier."""
-    return {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens,
-            "total_tokens": delta.prompt_tokens + delta.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": delta.cached_tokens},
-            "herd": {"replica": delta.replica, "cached_tokens_redis": delta.cached_tokens_redis}}
+def usage(delta: RequestOutput) -> dict:
+    """OpenAI `usage` from a finishing output; `cached_tokens` are the prompt tokens served from cache.
+    Herd's extension `herd` says which router-service replica served it and how many cached tokens
+    came from the shared prefix cache."""
+    return {"prompt_tokens": delta.num_prompt_tokens, "completion_tokens": delta.num_generated_tokens,
+            "total_tokens": delta.num_prompt_tokens + delta.num_generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": delta.num_cached_tokens},
+            "herd": {"replica": delta.replica, "cached_tokens_shared": delta.num_cached_tokens_shared}}
 
 
-def _token_strings(delta: GenerationDelta, token_text: TokenText | None) -> list[str]:
+def _token_strings(delta: RequestOutput, token_text: TokenText | None) -> list[str]:
     """The string of each of the delta's tokens (see the module docstring for the fallback)."""
     if token_text is not None:
         return [token_text(t) for t in delta.token_ids]
@@ -64,14 +64,14 @@ def _token_strings(delta: GenerationDelta, token_text: TokenText | None) -> list
     return [f"token_id:{t}" for t in delta.token_ids]
 
 
-def _scored_tokens(deltas: list[GenerationDelta], token_text: TokenText | None) -> list[tuple[str, float]] | None:
+def _scored_tokens(deltas: list[RequestOutput], token_text: TokenText | None) -> list[tuple[str, float]] | None:
     """(token string, logprob) for every generated token; None when no logprobs were asked for."""
     if all(d.logprobs is None for d in deltas):
         return None
     return [pair for d in deltas for pair in zip(_token_strings(d, token_text), d.logprobs or [])]
 
 
-def _chat_logprobs(deltas: list[GenerationDelta], token_text: TokenText | None) -> dict | None:
+def _chat_logprobs(deltas: list[RequestOutput], token_text: TokenText | None) -> dict | None:
     """Chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: []}, ...]}."""
     scored = _scored_tokens(deltas, token_text)
     if scored is None:
@@ -80,7 +80,7 @@ def _chat_logprobs(deltas: list[GenerationDelta], token_text: TokenText | None) 
                         for tok, lp in scored]}
 
 
-def _completion_logprobs(deltas: list[GenerationDelta], token_text: TokenText | None,
+def _completion_logprobs(deltas: list[RequestOutput], token_text: TokenText | None,
                          with_offsets: bool) -> dict | None:
     """Completions `logprobs`: parallel lists; `text_offset` only for a whole (non-streamed) text."""
     scored = _scored_tokens(deltas, token_text)
@@ -100,7 +100,7 @@ def _envelope(prefix: str, request_id: str, object_: str, model: str, created: i
             "created": int(time.time()) if created is None else created, "model": model}
 
 
-def chat_completion(request_id: str, model: str, deltas: list[GenerationDelta], token_text: TokenText | None = None,
+def chat_completion(request_id: str, model: str, deltas: list[RequestOutput], token_text: TokenText | None = None,
                     *, created: int | None = None) -> dict:
     """A non-streamed `chat.completion`: the deltas' text joined, usage from the last delta."""
     last = _last(request_id, deltas)
@@ -110,7 +110,7 @@ def chat_completion(request_id: str, model: str, deltas: list[GenerationDelta], 
         "choices": [choice], "usage": usage(last)}
 
 
-def chat_chunk(request_id: str, model: str, delta: GenerationDelta, first: bool, created: int,
+def chat_chunk(request_id: str, model: str, delta: RequestOutput, first: bool, created: int,
                token_text: TokenText | None = None) -> dict:
     """One `chat.completion.chunk`: the first carries role "assistant", the finishing one finish_reason."""
     content = {"role": "assistant", "content": delta.text} if first else {"content": delta.text}
@@ -119,7 +119,7 @@ def chat_chunk(request_id: str, model: str, delta: GenerationDelta, first: bool,
     return _envelope(CHAT_ID_PREFIX, request_id, "chat.completion.chunk", model, created) | {"choices": [choice]}
 
 
-def completion(request_id: str, model: str, deltas: list[GenerationDelta], token_text: TokenText | None = None,
+def completion(request_id: str, model: str, deltas: list[RequestOutput], token_text: TokenText | None = None,
                *, created: int | None = None) -> dict:
     """A non-streamed `text_completion`: the deltas' text joined, usage from the last delta."""
     last = _last(request_id, deltas)
@@ -129,7 +129,7 @@ def completion(request_id: str, model: str, deltas: list[GenerationDelta], token
         "choices": [choice], "usage": usage(last)}
 
 
-def completion_chunk(request_id: str, model: str, delta: GenerationDelta, first: bool, created: int,
+def completion_chunk(request_id: str, model: str, delta: RequestOutput, first: bool, created: int,
                      token_text: TokenText | None = None) -> dict:
     """One streamed `text_completion`; `first` is unused (same signature as `chat_chunk`)."""
     del first
@@ -138,7 +138,7 @@ def completion_chunk(request_id: str, model: str, delta: GenerationDelta, first:
     return _envelope(COMPLETION_ID_PREFIX, request_id, "text_completion", model, created) | {"choices": [choice]}
 
 
-def usage_chunk(request_id: str, model: str, delta: GenerationDelta, created: int, chat: bool = True) -> dict:
+def usage_chunk(request_id: str, model: str, delta: RequestOutput, created: int, chat: bool = True) -> dict:
     """The extra last chunk that `stream_options.include_usage` asks for: no choices, the usage."""
     prefix, object_ = (CHAT_ID_PREFIX, "chat.completion.chunk") if chat else (COMPLETION_ID_PREFIX, "text_completion")
     return _envelope(prefix, request_id, object_, model, created) | {"choices": [], "usage": usage(delta)}

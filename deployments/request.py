@@ -1,9 +1,9 @@
-"""The request every front end (HTTP, gRPC, CLI) turns its input into, and the deltas it streams
-back. Plain data: it crosses Ray process boundaries."""
+"""The request every front end (HTTP, gRPC, CLI) turns its input into (it streams back the engine's
+`RequestOutput`s). Plain data: it crosses Ray process boundaries."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from deployments.engine.params import SamplingParams
 
@@ -31,20 +31,3 @@ class GenerationRequest:
     model: str = ""  # empty: the served model
     session_id: str = ""
     tenant: str = ""
-
-
-@dataclass(frozen=True)
-class GenerationDelta:
-    """One streamed step of a request; the last one has `finish_reason` and the usage counts."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    logprobs: list[float] | None = None
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens served from the prefix cache, both tiers
-    cached_tokens_redis: int = 0  # of which loaded from the shared Redis tier
-    replica: str = ""  # the Router replica that served it (on the finishing delta)
-    extra: dict = field(default_factory=dict)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import AsyncIterator, Sequence
 
 import ray
@@ -15,13 +16,13 @@ from ray import serve
 from deployments.config import ExpertsConfig, HerdConfig
 from deployments.engine.async_engine import AsyncEngine
 from deployments.engine.engine import Engine
+from deployments.engine.output import RequestOutput
 from deployments.engine.params import SamplingParams
 from deployments.engine.sequence import ImageInput
 from deployments.expert_shard import ShardedExperts, get_or_create_pool, wait_for_shards
 from deployments.kvstore.setup import connect_tier
 from deployments.logs import route_to_serve_logs
 from deployments.metrics import RouterMetrics
-from deployments.request import GenerationDelta
 from model.checkpoint import load
 from model.device import default_dtype, resolve_device
 from model.tokenizer import Tokenizer
@@ -63,7 +64,7 @@ class Router:
 
     async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
                        images: Sequence[ImageInput] = (), cache_salt: str = "",
-                       session_id: str = "") -> AsyncIterator[GenerationDelta]:
+                       session_id: str = "") -> AsyncIterator[RequestOutput]:
         """Stream one request. `cache_salt` (the tenant) keys its prefix-cache entries; `session_id`
         is read by the prefix-affinity request router in the caller (deployments/prefix_router.py)."""
         if self._stats_task is None:
@@ -73,17 +74,15 @@ class Router:
         try:
             chunks, known = await self.tier.lookup(self.engine.engine, prompt_ids, images, cache_salt) if self.tier else ([], 0)
             async for out in self.engine.generate(request_id, prompt_ids, params, images=images, cache_salt=cache_salt,
-                                                  remote_chunks=chunks, num_remote_chunks=known):
+                                                  shared_chunks=chunks, num_shared_chunks=known):
                 now = time.perf_counter()
                 (self.metrics.ttft if out.num_generated_tokens == 1 else self.metrics.itl).observe(now - last)
                 last = now
                 if out.finished:
                     status = "ok"
-                    self.metrics.record_finished(out.num_prompt_tokens, out.num_generated_tokens,
-                                                 out.num_cached_tokens, out.num_cached_remote_tokens)
-                yield GenerationDelta(out.request_id, out.token_ids, out.text, out.logprobs, out.finish_reason,
-                                      out.num_prompt_tokens, out.num_generated_tokens, out.num_cached_tokens,
-                                      out.num_cached_remote_tokens, replica=self.replica_id if out.finished else "")
+                    self.metrics.record_finished(out)
+                    out = replace(out, replica=self.replica_id)
+                yield out
         finally:
             self.metrics.requests.inc(tags={"status": status})
             log.debug("request %s %s after %.3f s", request_id, status, time.perf_counter() - start)

@@ -74,18 +74,20 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     experts: range | None = None,
+    expert_kernel: str = "reference",
     progress: bool | None = None,
 ) -> Llama4:
     """Load a Llama 4 checkpoint directory into a `Llama4` in `dtype` on `device`.
 
-    `experts`: keep only these routed experts (an expert shard's slice); `progress`: show a
+    `experts`: keep only these routed experts (an expert shard's slice); `expert_kernel`: their
+    kernel (model/expert_kernel.py); `progress`: show a
     progress bar (None: only on a terminal). Raises `ConfigError` / `CheckpointError` naming the
     file or tensor that is wrong."""
     path = Path(path)
     cfg = Llama4Config.from_dir(path)
     _check_expert_range(experts, cfg)
     with torch.device("meta"):
-        model = Llama4(cfg, experts)
+        model = Llama4(cfg, experts, expert_kernel)
     start = time.perf_counter()
     state = _read_state(path, model, device, dtype, experts, progress)
     model.load_state_dict(state, assign=True, strict=True)
@@ -128,7 +130,7 @@ def _check_expert_range(experts: range | None, cfg: Llama4Config) -> None:
 
 
 def load_expert_shard(path: str | Path, experts: range, *, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32) -> dict[int, Experts]:
+                      dtype: torch.dtype = torch.float32, expert_kernel: str = "reference") -> dict[int, Experts]:
     """Only the routed experts `experts` of every MoE layer, keyed by layer: what an expert-shard
     actor holds. No other tensor is read."""
     path = Path(path)
@@ -142,7 +144,7 @@ def load_expert_shard(path: str | Path, experts: range, *, device: str | torch.d
         handles = {f: stack.enter_context(safe_open(str(f), "pt")) for f in set(files.values())}
         for layer in text.moe_layers:
             with torch.device("meta"):
-                module = Experts(text.hidden_size, text.intermediate_size, len(experts), experts.start)
+                module = Experts(text.hidden_size, text.intermediate_size, len(experts), experts.start, expert_kernel)
             state = {}
             for name, param in module.named_parameters():
                 full = f"language_model.model.layers.{layer}.feed_forward.experts.{name}"

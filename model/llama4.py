@@ -12,17 +12,18 @@ from torch import nn
 from model.config import Llama4Config
 from model.errors import InvalidInputError
 from model.rope import text_freqs_cis, text_inv_freq
-from model.text import TextModel, causal_masks
+from model.text import TextModel, causal_masks, masked_attention
 from model.vision import Projector, VisionModel
 
 
 class Llama4(nn.Module):
-    """`experts`: keep only this range of routed expert ids in every MoE layer (None: all)."""
+    """`experts`: keep only this range of routed expert ids in every MoE layer (None: all);
+    `expert_kernel`: the routed experts' kernel (model/expert_kernel.py)."""
 
-    def __init__(self, cfg: Llama4Config, experts: range | None = None):
+    def __init__(self, cfg: Llama4Config, experts: range | None = None, expert_kernel: str = "reference"):
         super().__init__()
         self.cfg = cfg
-        self.language_model = TextModel(cfg.text, experts)
+        self.language_model = TextModel(cfg.text, experts, expert_kernel)
         if cfg.vision is not None:
             self.vision_model = VisionModel(cfg.vision)
             self.multi_modal_projector = Projector(cfg.vision.vision_output_dim, cfg.text.hidden_size)
@@ -88,7 +89,7 @@ class Llama4(nn.Module):
         freqs_cis = text_freqs_cis(text_inv_freq(text.cfg, x.device), positions)
         masks = causal_masks(text.cfg, positions)
         for i, layer in enumerate(text.model.layers):
-            x = layer(x, positions, freqs_cis, masks[text.cfg.is_chunked(i)])
+            x = layer(x, positions, freqs_cis, masked_attention(masks[text.cfg.is_chunked(i)]))
         return text.lm_head(text.model.norm(x))
 
     @torch.inference_mode()

@@ -2,17 +2,21 @@
 sigmoid of the chosen logits, which scales the expert *input*; plus an always-on shared expert;
 no renormalization).
 
-`MoE` is split so the engine can send work elsewhere: `route` picks experts, `Experts` runs any
-subset of the routed experts (an expert shard holds a slice), `shared_expert` is a plain MLP.
+`MoE` is split so the engine can send work elsewhere: the gate (`MoEGate`, the checkpoint's
+`router`) picks experts, `Experts` runs any subset of the routed experts (an expert shard holds a
+slice) with a swappable kernel (model/expert_kernel.py), `shared_expert` is a plain MLP.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import TextConfig
+from model.expert_kernel import expert_kernel
 
 
 class MLP(nn.Module):
@@ -30,12 +34,15 @@ class MLP(nn.Module):
 
 class Experts(nn.Module):
     """Routed experts `first_expert .. first_expert + num_experts - 1`, stored as in the checkpoint:
-    `gate_up_proj` `[E, hidden, 2 * inter]` (gate columns first), `down_proj` `[E, inter, hidden]`."""
+    `gate_up_proj` `[E, hidden, 2 * inter]` (gate columns first), `down_proj` `[E, inter, hidden]`.
+    `kernel` does the math (model/expert_kernel.py)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, first_expert: int = 0):
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, first_expert: int = 0,
+                 kernel: str = "reference"):
         super().__init__()
         self.first_expert = first_expert
         self.num_experts = num_experts
+        self.kernel = expert_kernel(kernel)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
 
@@ -45,25 +52,20 @@ class Experts(nn.Module):
         out = torch.zeros_like(x)
         local = expert_ids - self.first_expert  # [T, k]
         owned = (local >= 0) & (local < self.num_experts)
-        token_idx, choice_idx = owned.nonzero(as_tuple=True)
+        token_idx, choice_idx = owned.nonzero(as_tuple=True)  # [N] each
         if token_idx.numel() == 0:
             return out
         experts = local[token_idx, choice_idx]
         order = torch.argsort(experts, stable=True)
         token_idx, choice_idx, experts = token_idx[order], choice_idx[order], experts[order]
         inputs = x[token_idx] * scores[token_idx, choice_idx, None].to(x.dtype)  # [N, hidden]
-        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
-        results = torch.cat([
-            self._expert(e, chunk) for e, chunk in enumerate(inputs.split(counts)) if counts[e]
-        ])
-        return out.index_add_(0, token_idx, results)
-
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = (x @ self.gate_up_proj[e]).chunk(2, dim=-1)
-        return (F.silu(gate) * up) @ self.down_proj[e]
+        counts = torch.bincount(experts, minlength=self.num_experts)  # [E]
+        return out.index_add_(0, token_idx, self.kernel(inputs, counts, self.gate_up_proj, self.down_proj))
 
 
-class Router(nn.Linear):
+class MoEGate(nn.Linear):
+    """The MoE gate (the checkpoint's `feed_forward.router`): picks each token's experts."""
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int):
         super().__init__(hidden_size, num_experts, bias=False)
         self.top_k = top_k
@@ -75,13 +77,19 @@ class Router(nn.Linear):
         return top_ids, torch.sigmoid(top_logits.float())
 
 
+RoutedExperts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(x `[T, hidden]`, expert ids `[T, k]`, scores `[T, k]`) -> `[T, hidden]`: where the routed
+experts run; `Experts` in-process, or the engine's dispatch to expert shards."""
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: TextConfig, experts: nn.Module):
         super().__init__()
-        self.router = Router(cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok)
+        self.router = MoEGate(cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok)  # checkpoint name
         self.experts = experts
         self.shared_expert = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routed: RoutedExperts | None = None) -> torch.Tensor:
+        """Shared expert plus the routed experts (`routed`, default this layer's own `experts`)."""
         expert_ids, scores = self.router.route(x)
-        return self.shared_expert(x) + self.experts(x, expert_ids, scores)
+        return self.shared_expert(x) + (routed or self.experts)(x, expert_ids, scores)

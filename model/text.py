@@ -1,20 +1,40 @@
 """Llama 4 text decoder in plain PyTorch, on flattened token batches `[T, hidden]`.
 
 Parameter names mirror the Hugging Face checkpoint (`language_model.model.layers.N...`), so a
-state dict loads without renaming. Attention is split in two so the engine can reuse it: `qkv`
-(projections, RoPE / QK-norm / temperature tuning at absolute positions) and `o_proj`; `forward`
-is the whole-sequence reference path with an explicit mask.
+state dict loads without renaming. The decoder block is wired once, here; what differs between the
+whole-sequence reference forward and the engine's paged step is passed in: the attention function
+(`Attend`: an explicit mask here, the paged KV cache in the engine) and where the routed experts
+run (`RoutedExperts`: in-process, or on expert shards).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import TextConfig
-from model.moe import MoE, MLP, Experts
+from model.moe import MLP, Experts, MoE, RoutedExperts
 from model.rope import apply_rotary
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+"""(q `[T, H, D]`, k and v `[T, KV, D]` of the new tokens, scale) -> `[T, H, D]`."""
+
+
+def masked_attention(mask: torch.Tensor) -> Attend:
+    """Whole-sequence attention over the tokens given, `mask` `[T, T]` True where a query may attend."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # [H, T, D]
+            attn_mask=mask, scale=scale, enable_gqa=True,
+        )
+        return out.transpose(0, 1)  # [T, H, D]
+
+    return attend
 
 
 class RMSNorm(nn.Module):
@@ -67,55 +87,56 @@ class Attention(nn.Module):
         """Query scale `[T]`: log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1."""
         return torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
 
-    def forward(self, x, positions, freqs_cis, mask: torch.Tensor) -> torch.Tensor:
-        """Whole-sequence attention; `mask` `[T, T]` is True where a query may attend a key."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor, attend: Attend) -> torch.Tensor:
         q, k, v = self.qkv(x, positions, freqs_cis)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # [H, T, D]
-            attn_mask=mask, scale=self.scale, enable_gqa=True,
-        )
-        return self.o_proj(out.transpose(0, 1).reshape(x.shape[0], -1))
+        return self.o_proj(attend(q, k, v, self.scale).flatten(1))
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block. `experts` (a range of expert ids) keeps only that slice of the routed
-    experts, as an expert shard does; None keeps them all."""
+    experts, as an expert shard does; None keeps them all. `expert_kernel` names their kernel."""
 
-    def __init__(self, cfg: TextConfig, layer: int, experts: range | None = None):
+    def __init__(self, cfg: TextConfig, layer: int, experts: range | None = None, expert_kernel: str = "reference"):
         super().__init__()
         self.self_attn = Attention(cfg, layer)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
             ids = range(cfg.num_local_experts) if experts is None else experts
-            routed = Experts(cfg.hidden_size, cfg.intermediate_size, len(ids), first_expert=ids.start)
+            routed = Experts(cfg.hidden_size, cfg.intermediate_size, len(ids), ids.start, expert_kernel)
             self.feed_forward = MoE(cfg, routed)
         else:
             self.feed_forward = MLP(cfg.hidden_size, cfg.intermediate_size_mlp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, freqs_cis, mask) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), positions, freqs_cis, mask)
-        return h + self.feed_forward(self.post_attention_layernorm(h))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor, attend: Attend,
+                routed: RoutedExperts | None = None) -> torch.Tensor:
+        """`x` `[T, hidden]` at absolute `positions`; `routed`: where this layer's routed experts run
+        (default: its own)."""
+        h = x + self.self_attn(self.input_layernorm(x), positions, freqs_cis, attend)
+        return h + self.mlp(self.post_attention_layernorm(h), routed)
+
+    def mlp(self, x: torch.Tensor, routed: RoutedExperts | None) -> torch.Tensor:
+        return self.feed_forward(x, routed) if self.is_moe else self.feed_forward(x)
 
 
 class TextBackbone(nn.Module):
     """`language_model.model`: embeddings, decoder layers, final norm."""
 
-    def __init__(self, cfg: TextConfig, experts: range | None = None):
+    def __init__(self, cfg: TextConfig, experts: range | None = None, expert_kernel: str = "reference"):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts, expert_kernel) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class TextModel(nn.Module):
     """`language_model`: the backbone plus an untied `lm_head`."""
 
-    def __init__(self, cfg: TextConfig, experts: range | None = None):
+    def __init__(self, cfg: TextConfig, experts: range | None = None, expert_kernel: str = "reference"):
         super().__init__()
         self.cfg = cfg
-        self.model = TextBackbone(cfg, experts)
+        self.model = TextBackbone(cfg, experts, expert_kernel)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
 

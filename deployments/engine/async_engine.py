@@ -12,7 +12,7 @@ from typing import AsyncIterator, Sequence
 from deployments.engine.engine import Engine
 from deployments.engine.kv_transfer import KVChunk
 from deployments.engine.params import SamplingParams
-from deployments.engine.request_state import RequestOutput
+from deployments.engine.output import RequestOutput
 from deployments.engine.sequence import ImageInput
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, *,
                        images: Sequence[ImageInput] = (), cache_salt: str = "",
-                       remote_chunks: Sequence[KVChunk] = (), num_remote_chunks: int = 0) -> AsyncIterator[RequestOutput]:
+                       shared_chunks: Sequence[KVChunk] = (), num_shared_chunks: int = 0) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iterator early cancels the request."""
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._run())
@@ -44,8 +44,8 @@ class AsyncEngine:
         finished = False
         try:
             await self._call(self.engine.add_request, prompt_ids, params, request_id=request_id,
-                             images=images, cache_salt=cache_salt, remote_chunks=remote_chunks,
-                             num_remote_chunks=num_remote_chunks)
+                             images=images, cache_salt=cache_salt, shared_chunks=shared_chunks,
+                             num_shared_chunks=num_shared_chunks)
             self._wake.set()
             while not finished:
                 item = await queue.get()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class EngineConfig(BaseModel):
@@ -21,3 +21,15 @@ class EngineConfig(BaseModel):
     num_blocks_full: int | None = Field(None, ge=1, description="override: KV blocks of the NoPE (full-history) layers")
     num_blocks_chunked: int | None = Field(None, ge=1, description="override: KV blocks of the chunked RoPE layers")
     enable_prefix_caching: bool = Field(True, description="reuse the KV of identical prompt prefixes")
+    attention_backend: str = Field(
+        "reference", description="attention over the paged KV cache (deployments/engine/attention/registry.py)"
+    )
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        from deployments.engine.attention.registry import ATTENTION_BACKENDS
+
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r}: choose one of {sorted(ATTENTION_BACKENDS)}")
+        return name

@@ -17,14 +17,16 @@ from typing import Sequence as Seq
 
 import torch
 
+from deployments.engine.attention import attention_backend
 from deployments.engine.config import EngineConfig
 from deployments.engine.experts import ColocatedExperts, ExpertBackend
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.kv_manager import KVManager
-from deployments.engine.kv_transfer import ChunkSink, KVChunk, KVTransfer, TierPolicy
+from deployments.engine.kv_transfer import KVChunk, KVTransfer, SharedCachePort, SharedCacheWriter
 from deployments.engine.kv_sizing import plan_kv_groups
 from deployments.engine.params import SamplingParams
-from deployments.engine.request_state import RequestOutput, RequestState
+from deployments.engine.output import RequestOutput
+from deployments.engine.request_state import RequestState
 from deployments.engine.runner import ModelRunner
 from deployments.engine.sampler import Sampler
 from deployments.engine.scheduler import Scheduler
@@ -64,15 +66,15 @@ class Engine:
         self.kv = KVManager(groups, self.config.block_size)
         text = model.cfg.text
         cache = KVCache(groups, self.config.block_size, text.num_key_value_heads, text.head_dim, model.dtype, model.device)
-        self.runner = ModelRunner(model, self.kv, cache, experts or ColocatedExperts(model))
+        attention = attention_backend(self.config.attention_backend)(self.kv, model.device)
+        self.runner = ModelRunner(model, self.kv, cache, experts or ColocatedExperts(model), attention)
         self.scheduler = Scheduler(self.config, self.kv)
         self.sampler = Sampler()
         self.max_model_len = min(self.config.max_model_len or text.max_position_embeddings, self.kv.max_tokens_per_seq())
         self.eos_ids = tuple(text.eos_token_id) or tokenizer.stop_ids
         self._states: dict[str, RequestState] = {}
         self._arrivals = itertools.count()
-        self.transfer: KVTransfer | None = None
-        self.sink: ChunkSink | None = None
+        self.shared_cache: SharedCachePort | None = None
         log.info("engine ready: %s; max_model_len %d", ", ".join(f"{g.name} KV {g.num_blocks} blocks x "
                  f"{len(g.layers)} layers" for g in groups), self.max_model_len)
 
@@ -83,55 +85,29 @@ class Engine:
 
         return cls(load(path, device=device, dtype=dtype), Tokenizer.from_dir(path), config)
 
-    # ---- the shared prefix-cache tier --------------------------------------------------------
-    def attach_tier(self, sink: ChunkSink) -> None:
-        """Offer every newly computed chunk (prompt, then answer) to `sink` and accept fetched chunks in
-        `add_request(remote_chunks=...)` (deployments/kvstore)."""
-        self.transfer = KVTransfer(self.kv, self.runner.cache, TierPolicy(sink.chunk_tokens, self.config.block_size))
-        self.sink = sink
+    # ---- the shared prefix cache ------------------------------------------------------------
+    def attach_shared_cache(self, writer: SharedCacheWriter) -> None:
+        """Offer every newly computed chunk (prompt, then answer) to `writer` and accept fetched chunks
+        in `add_request(shared_chunks=...)` (deployments/shared_cache)."""
+        self.shared_cache = SharedCachePort(self.kv, self.runner.cache, writer)
 
     def prefix_chunks(self, prompt_ids: Seq[int], images: Seq[ImageInput] = (), cache_salt: str = "") -> tuple[list[bytes], int]:
         """Digests of a prompt's reusable chunks, and how many leading ones the local cache holds
-        (a hint: read without the engine thread). Needs `attach_tier`."""
-        policy = self.transfer.policy
-        seq = Sequence("probe", list(prompt_ids), len(prompt_ids), SamplingParams(), -1,
-                       self.model.cfg.image_token_index, list(images), cache_salt)
-        bpc = policy.blocks_per_chunk
-        digests = [seq.hash_of_block((j + 1) * bpc - 1, self.config.block_size)
-                   for j in range(policy.prompt_chunks(len(seq.tokens)))]
-        return digests, self.kv.cached_leading_blocks(seq, len(digests) * bpc) // bpc
-
-    def _load_remote(self, seq: Sequence, chunks: Seq[KVChunk]) -> None:
-        loaded = []
-        for chunk in chunks:  # in order; a full pool ends the run
-            if not self.transfer.load(seq, chunk):
-                break
-            loaded.append(chunk)
-        if loaded:
-            ct = self.transfer.policy.chunk_tokens
-            seq.remote_span = (loaded[0].index * ct, (loaded[-1].index + 1) * ct)
-
-    def _export_chunks(self, seq: Sequence) -> None:
-        """Offer the chunks `seq` completed (before their windowed blocks are freed): prompt chunks
-        during prefill, then chunks of generated tokens (the next turn of a chat starts with them).
-        Windowed-layer KV goes with the chunks in the window of the prompt's reusable end, or of
-        the newest chunk once generation passes it."""
-        policy = self.transfer.policy
-        done = min(seq.num_computed, seq.num_tokens - 1) // policy.chunk_tokens
-        total = max(policy.prompt_chunks(seq.num_prompt_tokens), done)
-        for j in range(max(seq.num_exported_chunks, seq.num_remote_chunks), done):
-            chunk = self.transfer.export(seq, j, policy.groups_for(self.kv.groups, j, total)) if self.sink.ready() else None
-            if chunk is not None:
-                self.sink.put(seq, chunk)
-        seq.num_exported_chunks = max(seq.num_exported_chunks, done)
+        (a hint: read without the engine thread). Needs `attach_shared_cache`."""
+        if self.shared_cache is None:
+            raise RuntimeError("prefix_chunks needs attach_shared_cache first")
+        probe = Sequence(request_id="probe", tokens=list(prompt_ids), num_prompt_tokens=len(prompt_ids), params=None,
+                         arrival=-1, patch_token_id=self.model.cfg.image_token_index, images=list(images),
+                         cache_salt=cache_salt)
+        return self.shared_cache.prefix_chunks(probe)
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams | None = None, *,
                     request_id: str | None = None, images: Seq[ImageInput] = (), cache_salt: str = "",
-                    remote_chunks: Seq[KVChunk] = (), num_remote_chunks: int = 0) -> str:
+                    shared_chunks: Seq[KVChunk] = (), num_shared_chunks: int = 0) -> str:
         """Queue a request; raises InvalidInputError for a bad prompt, EngineOverloaded when full.
-        `remote_chunks`: prompt chunks fetched from the shared tier (loaded into the local cache);
-        `num_remote_chunks`: leading chunks the tier already holds (not offered again)."""
+        `shared_chunks`: prompt chunks fetched from the shared prefix cache (loaded into the local
+        cache); `num_shared_chunks`: leading chunks the shared cache already holds (not offered again)."""
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._arrivals)}"
         if request_id in self._states:
@@ -142,12 +118,13 @@ class Engine:
                                     f"{self.max_model_len - 1} prompt tokens")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineOverloaded(f"{len(self.scheduler.waiting)} requests are already waiting; retry later")
-        seq = Sequence(request_id, ids, len(ids), params, next(self._arrivals), self.model.cfg.image_token_index,
-                       list(images), cache_salt, self._generator(params))
+        seq = Sequence(request_id=request_id, tokens=ids, num_prompt_tokens=len(ids), params=params,
+                       arrival=next(self._arrivals), patch_token_id=self.model.cfg.image_token_index,
+                       images=list(images), cache_salt=cache_salt, generator=self._generator(params))
         self._check_images(seq)
-        seq.num_remote_chunks = num_remote_chunks
-        if remote_chunks and self.transfer is not None:
-            self._load_remote(seq, remote_chunks)
+        if self.shared_cache is not None:
+            seq.transfer = KVTransfer(seq, self.shared_cache, num_known_chunks=num_shared_chunks)
+            seq.transfer.load(shared_chunks)
         self._states[request_id] = RequestState(seq, self.tokenizer, self.max_model_len, self.eos_ids)
         self.scheduler.add(seq)
         return request_id
@@ -183,11 +160,7 @@ class Engine:
             return []
         logits = self.runner.execute(chunks)
         sampling = [c.seq for c in chunks if c.samples]
-        for c in chunks:
-            c.seq.num_computed += c.num_tokens
-            if self.sink is not None:
-                self._export_chunks(c.seq)
-            self.kv.after_step(c.seq)
+        self.scheduler.postprocess(chunks)
         if not sampling:
             return []
         result = self.sampler.sample(logits, [s.params for s in sampling], [s.generator for s in sampling])

@@ -107,15 +107,8 @@ class KVManager:
                     self.pools[g.name].free(table[b])
                     table[b] = -1
 
-    def unpin(self, seq: Sequence) -> None:
-        """Drop the references that kept loaded prefix blocks alive until admission."""
-        for name, block in seq.pinned:
-            self.pools[name].free(block)
-        seq.pinned.clear()
-
     def free(self, seq: Sequence) -> None:
         """Release every block of `seq` (cached ones stay revivable)."""
-        self.unpin(seq)
         for g in self.groups:
             for block in seq.tables.get(g.name, []):
                 if block >= 0:

@@ -1,17 +1,22 @@
-"""Whole prefix chunks of KV in and out of the paged cache: the engine side of the shared (Redis)
-prefix-cache tier. The engine knows nothing about Redis; it hands out and takes in `KVChunk`s.
+"""Whole prefix chunks of KV in and out of the paged cache: the engine side of the shared prefix
+cache (the tier every router-service replica shares; deployments/shared_cache stores it in Redis).
+The engine knows nothing about Redis; it hands out and takes in `KVChunk`s.
 
-A chunk is `chunk_tokens` positions (a whole number of blocks) of one sequence (prompt, then generated tokens). It holds
-the KV of the NoPE ("full") layers always, and that of the chunked RoPE layers only when a later
-request ending its prefix near this chunk can use it (see `TierPolicy.groups_for`): a RoPE layer at
-position p attends only inside p's `attention_chunk_size` window, so KV of earlier windows is dead
-weight for every request that resumes after them.
+A chunk is `chunk_tokens` positions (a whole number of blocks) of one sequence (prompt, then
+generated tokens). It holds the KV of the NoPE ("full") layers always, and that of the chunked
+RoPE layers only when a later request ending its prefix near this chunk can use it (see
+`ChunkPolicy.groups_for`): a RoPE layer at position p attends only inside p's
+`attention_chunk_size` window, so KV of earlier windows is dead weight for every request that
+resumes after them.
+
+`SharedCachePort` is the engine's one connection to the tier (policy, writer, copies between the
+paged cache and chunks); `KVTransfer` is one sequence's traffic through it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence as Seq
 
 import torch
 
@@ -32,8 +37,8 @@ class KVChunk:
         return sum(t.numel() * t.element_size() for t in self.kv.values())
 
 
-class ChunkSink(Protocol):
-    """Where the engine sends newly computed prompt chunks (the Redis writer)."""
+class SharedCacheWriter(Protocol):
+    """Where the engine sends newly computed chunks (the Redis writer)."""
 
     chunk_tokens: int
 
@@ -44,7 +49,7 @@ class ChunkSink(Protocol):
 
 
 @dataclass(frozen=True)
-class TierPolicy:
+class ChunkPolicy:
     chunk_tokens: int
     block_size: int
 
@@ -70,11 +75,22 @@ class TierPolicy:
         return [g for g in groups if g.chunk is None or start >= end // g.chunk * g.chunk]
 
 
-class KVTransfer:
-    def __init__(self, kv: KVManager, cache: KVCache, policy: TierPolicy):
+class SharedCachePort:
+    """The engine's connection to the shared tier: which chunks a prompt has, and copies of chunks
+    between the paged cache and `KVChunk`s."""
+
+    def __init__(self, kv: KVManager, cache: KVCache, writer: SharedCacheWriter):
         self.kv = kv
         self.cache = cache
-        self.policy = policy
+        self.writer = writer
+        self.policy = ChunkPolicy(writer.chunk_tokens, kv.block_size)
+
+    def prefix_chunks(self, seq: Sequence) -> tuple[list[bytes], int]:
+        """Digests of `seq`'s reusable prompt chunks, and how many leading ones the local cache
+        holds (read-only)."""
+        bpc, bs = self.policy.blocks_per_chunk, self.kv.block_size
+        digests = [seq.hash_of_block((j + 1) * bpc - 1, bs) for j in range(self.policy.prompt_chunks(seq.num_tokens))]
+        return digests, self.kv.cached_leading_blocks(seq, len(digests) * bpc) // bpc
 
     def export(self, seq: Sequence, index: int, groups: list[KVGroup]) -> KVChunk | None:
         """Copy chunk `index` of `seq` (computed) to the CPU; None if its blocks are gone."""
@@ -85,15 +101,15 @@ class KVTransfer:
             return None
         kv = {}
         for g in groups:
-            blocks = tables[g.name]
-            ids = torch.tensor(blocks, dtype=torch.long, device=self.cache.k[g.layers[0]].device)
+            ids = torch.tensor(tables[g.name], dtype=torch.long, device=self.cache.k[g.layers[0]].device)
             parts = [torch.stack([self.cache.k[layer][ids], self.cache.v[layer][ids]]) for layer in g.layers]
             kv[g.name] = torch.stack(parts).flatten(2, 3).to("cpu")
         return KVChunk(index, seq.hash_of_block(first + bpc - 1, self.kv.block_size), kv)
 
-    def load(self, seq: Sequence, chunk: KVChunk) -> bool:
-        """Put a fetched chunk into the paged cache as local prefix-cache entries, pinned by `seq`
-        until it is admitted. Blocks already cached locally are reused. False if the pool is full."""
+    def load(self, seq: Sequence, chunk: KVChunk, pinned: list[tuple[str, int]]) -> bool:
+        """Put a fetched chunk into the paged cache as local prefix-cache entries, appending the
+        blocks to `pinned` (held until `seq` is admitted). Blocks already cached locally are
+        reused. False if the pool is full."""
         bs, bpc = self.kv.block_size, self.policy.blocks_per_chunk
         for g in self.kv.groups:
             data = chunk.kv.get(g.name)
@@ -112,7 +128,7 @@ class KVTransfer:
                         self._copy(g, data, new)
                         return False
                     new.append((i, block, digest, tokens))
-                seq.pinned.append((g.name, block))
+                pinned.append((g.name, block))
             self._copy(g, data, new)
         return True
 
@@ -130,3 +146,57 @@ class KVTransfer:
             self.cache.v[layer][blocks] = data[n, 1]
         for _, block, digest, tokens in new:
             self.kv.pools[g.name].register(block, digest, tokens)
+
+
+@dataclass
+class KVTransfer:
+    """One sequence's traffic with the shared tier: the chunks loaded for it (their blocks pinned
+    until admission), how many of its cached tokens they gave, and the chunks offered so far."""
+
+    seq: Sequence
+    port: SharedCachePort
+    num_known_chunks: int = 0  # leading prompt chunks the tier already holds: never offered again
+    pinned: list[tuple[str, int]] = field(default_factory=list)  # (group, block) held until admission
+    loaded_span: tuple[int, int] = (0, 0)  # token positions covered by the loaded chunks
+    num_offered_chunks: int = 0
+    num_cached_tokens_shared: int = 0  # of the sequence's cached prompt tokens, those loaded from the tier
+
+    def load(self, chunks: Seq[KVChunk]) -> None:
+        """Load fetched chunks in order; a full pool ends the run."""
+        loaded = []
+        for chunk in chunks:
+            if not self.port.load(self.seq, chunk, self.pinned):
+                break
+            loaded.append(chunk)
+        if loaded:
+            ct = self.port.policy.chunk_tokens
+            self.loaded_span = (loaded[0].index * ct, (loaded[-1].index + 1) * ct)
+
+    def admitted(self, num_cached: int, first_time: bool) -> None:
+        """The scheduler matched `num_cached` prefix tokens (taking its own references): drop the
+        pins, and on the first admission count the tokens the loaded chunks gave."""
+        if first_time:
+            start, end = self.loaded_span
+            self.num_cached_tokens_shared = max(0, min(num_cached, end) - start)
+        self.release()
+
+    def release(self) -> None:
+        """Drop the references that kept loaded blocks alive until admission."""
+        for name, block in self.pinned:
+            self.port.kv.pools[name].free(block)
+        self.pinned.clear()
+
+    def offer_computed(self) -> None:
+        """Offer the chunks the sequence completed (before their windowed blocks are freed): prompt
+        chunks during prefill, then chunks of generated tokens (the next turn of a chat starts with
+        them). Windowed-layer KV goes with the chunks in the window of the prompt's reusable end,
+        or of the newest chunk once generation passes it."""
+        seq, port = self.seq, self.port
+        policy = port.policy
+        done = min(seq.num_computed, seq.num_tokens - 1) // policy.chunk_tokens
+        total = max(policy.prompt_chunks(seq.num_prompt_tokens), done)
+        for j in range(max(self.num_offered_chunks, self.num_known_chunks), done):
+            chunk = port.export(seq, j, policy.groups_for(port.kv.groups, j, total)) if port.writer.ready() else None
+            if chunk is not None:
+                port.writer.put(seq, chunk)
+        self.num_offered_chunks = max(self.num_offered_chunks, done)

@@ -3,27 +3,10 @@ streaming client receives (text held back while it could still be the start of a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from deployments.engine.output import RequestOutput
 from deployments.engine.sequence import Sequence
 from deployments.engine.stop import FinishReason, StopChecker
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request."""
-
-    request_id: str
-    token_ids: list[int]  # new token ids (a stop token is included)
-    text: str  # new text (stop strings and special tokens excluded)
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort"
-    logprobs: list[float] | None
-    num_prompt_tokens: int
-    num_generated_tokens: int
-    num_cached_tokens: int
-    num_cached_remote_tokens: int = 0  # of num_cached_tokens, loaded from the shared (Redis) tier
 
 
 class RequestState:
@@ -38,7 +21,7 @@ class RequestState:
     def append(self, token_id: int, logprob: float | None) -> RequestOutput:
         """Add a sampled token; returns the delta to stream."""
         seq = self.seq
-        seq.tokens.append(token_id)
+        seq.append_token(token_id)
         self.text += self.detok.push(token_id)
         result = self.stop.check(token_id, self.text, seq.num_generated)
         reason = result.reason if result is not None else None
@@ -55,7 +38,8 @@ class RequestState:
         delta = self.text[self.emitted : max(visible, self.emitted)]
         self.emitted += len(delta)
         return RequestOutput(
-            seq.request_id, [token_id], delta, reason is not None, reason.value if reason else None,
-            None if logprob is None else [logprob], seq.num_prompt_tokens, seq.num_generated,
-            seq.num_cached_prompt_tokens, seq.num_cached_remote_tokens,
+            seq.request_id, [token_id], delta, logprobs=None if logprob is None else [logprob],
+            finish_reason=reason.value if reason else None, num_prompt_tokens=seq.num_prompt_tokens,
+            num_generated_tokens=seq.num_generated, num_cached_tokens=seq.num_cached_prompt_tokens,
+            num_cached_tokens_shared=seq.transfer.num_cached_tokens_shared if seq.transfer else 0,
         )

@@ -1,43 +1,34 @@
 """Runs one engine step: a flattened batch of prefill chunks and decode tokens through the model,
-reading and writing the paged KV cache. Returns the logits of the rows that sample."""
+reading and writing the paged KV cache. Returns the logits of the rows that sample.
+
+The decoder block is the model's own (`model/text.py`); the runner hands each layer an attention
+function over the paged cache (the configured attention backend) and the expert backend that runs
+its routed experts.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from deployments.engine.attention import BatchLayout, SeqSlice, paged_attention
+from deployments.engine.attention import AttentionBackend, Layout
 from deployments.engine.experts import ExpertBackend
 from deployments.engine.kv_cache import KVCache
-from deployments.engine.kv_manager import KVGroup, KVManager
-from deployments.engine.sequence import Sequence
+from deployments.engine.kv_manager import KVManager
+from deployments.engine.scheduler import ScheduledChunk
 from model.llama4 import Llama4
+from model.moe import RoutedExperts
 from model.rope import text_freqs_cis, text_inv_freq
-
-
-@dataclass(frozen=True)
-class ScheduledChunk:
-    """`seq.tokens[start : start + num_tokens]` run this step (`start` = `seq.num_computed` when
-    scheduled); `samples`: the chunk ends at the last known token, so its logits pick the next."""
-
-    seq: Sequence
-    start: int
-    num_tokens: int
-    samples: bool
-
-    @classmethod
-    def of(cls, seq: Sequence, num_tokens: int) -> "ScheduledChunk":
-        start = seq.num_computed
-        return cls(seq, start, num_tokens, start + num_tokens == seq.num_tokens)
+from model.text import Attend
 
 
 class ModelRunner:
-    def __init__(self, model: Llama4, kv: KVManager, cache: KVCache, experts: ExpertBackend):
+    def __init__(self, model: Llama4, kv: KVManager, cache: KVCache, experts: ExpertBackend,
+                 attention: AttentionBackend):
         self.model = model
         self.kv = kv
         self.cache = cache
         self.experts = experts
+        self.attention = attention
         # Tokens routed to each expert, summed over MoE layers (load imbalance); stays on the
         # device, read by the metrics publisher about once a second.
         self.expert_tokens = torch.zeros(max(model.cfg.text.num_local_experts, 1), dtype=torch.long,
@@ -49,11 +40,12 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits `[num_sampling_chunks, vocab]` (fp32), in the order of the sampling chunks."""
         ids, positions = self._inputs(chunks)
-        layouts = {g.name: self._layout(g, chunks) for g in self.kv.groups}
+        layouts = {g.name: self.attention.layout(g, chunks) for g in self.kv.groups}
         x = self._embed(ids, chunks)
         freqs_cis = text_freqs_cis(self.inv_freq, positions)
         for i, layer in enumerate(self.model.language_model.model.layers):
-            x = self._layer(i, layer, x, positions, freqs_cis, layouts[self.cache.group_of[i].name])
+            attend = self._paged_attention(i, layouts[self.cache.group_of[i].name])
+            x = layer(x, positions, freqs_cis, attend, self._routed_experts(i))
         rows, end = [], 0
         for c in chunks:
             end += c.num_tokens
@@ -65,24 +57,10 @@ class ModelRunner:
     def _inputs(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, pos = [], []
         for c in chunks:
-            start = c.start
-            ids.extend(c.seq.tokens[start : start + c.num_tokens])
-            pos.extend(range(start, start + c.num_tokens))
-        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731
-        return as_tensor(ids), as_tensor(pos)
-
-    def _layout(self, group: KVGroup, chunks: list[ScheduledChunk]) -> BatchLayout:
-        bs = self.kv.block_size
-        seqs, slots, row = [], [], 0
-        for c in chunks:
-            start, table = c.start, c.seq.tables[group.name]
-            window = self.kv.window_start(group, start)
-            last_block = (start + c.num_tokens - 1) // bs
-            blocks = torch.tensor(table[window // bs : last_block + 1], dtype=torch.long, device=self.device)
-            seqs.append(SeqSlice(row, c.num_tokens, start, window, blocks))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + c.num_tokens))
-            row += c.num_tokens
-        return BatchLayout(seqs, torch.tensor(slots, dtype=torch.long, device=self.device), group.chunk)
+            ids.extend(c.seq.tokens[c.start : c.start + c.num_tokens])
+            pos.extend(range(c.start, c.start + c.num_tokens))
+        return (torch.tensor(ids, dtype=torch.long, device=self.device),
+                torch.tensor(pos, dtype=torch.long, device=self.device))
 
     def _embed(self, ids: torch.Tensor, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Token embeddings, with each prompt `<|patch|>` row replaced by its image embedding."""
@@ -98,18 +76,20 @@ class ModelRunner:
             row += c.num_tokens
         return x
 
-    def _layer(self, i, layer, x, positions, freqs_cis, layout: BatchLayout) -> torch.Tensor:
-        attn = layer.self_attn
-        q, k, v = attn.qkv(layer.input_layernorm(x), positions, freqs_cis)
-        self.cache.write(i, k, v, layout.slots)
-        o = paged_attention(q, self.cache.k[i], self.cache.v[i], layout, attn.scale)
-        h = x + attn.o_proj(o.flatten(1))
-        return h + self._feed_forward(i, layer, layer.post_attention_layernorm(h))
+    def _paged_attention(self, layer: int, layout: Layout) -> Attend:
+        """Layer `layer`'s attention: write the new KV into the cache, attend over it."""
 
-    def _feed_forward(self, i, layer, h: torch.Tensor) -> torch.Tensor:
-        ff = layer.feed_forward
-        if not layer.is_moe:
-            return ff(h)
-        expert_ids, scores = ff.router.route(h)
-        self.expert_tokens += torch.bincount(expert_ids.flatten(), minlength=self.expert_tokens.numel())
-        return ff.shared_expert(h) + self.experts.run(i, h, expert_ids, scores)
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+            self.cache.write(layer, k, v, layout.slots)
+            return self.attention.forward(q, self.cache.k[layer], self.cache.v[layer], layout, scale)
+
+        return attend
+
+    def _routed_experts(self, layer: int) -> RoutedExperts:
+        """Layer `layer`'s routed experts on the expert backend, counting tokens per expert."""
+
+        def routed(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            self.expert_tokens += torch.bincount(expert_ids.flatten(), minlength=self.expert_tokens.numel())
+            return self.experts.run(layer, x, expert_ids, scores)
+
+        return routed

@@ -4,17 +4,36 @@ Every step spends a token budget: running sequences first (a decode is one token
 prefill continues), in arrival order, then waiting ones are admitted while budget, sequence slots
 and KV blocks last. When a running sequence cannot get a block, the latest arrival is preempted:
 its blocks are freed (kept in the prefix cache) and it waits to be recomputed.
+
+The scheduler owns each sequence's progress and KV bookkeeping: it schedules (`schedule`), records
+what a step computed (`postprocess`), and finishes or preempts.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import deque
+from dataclasses import dataclass
 
 from deployments.engine.config import EngineConfig
 from deployments.engine.kv_manager import KVManager
-from deployments.engine.runner import ScheduledChunk
 from deployments.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """`seq.tokens[start : start + num_tokens]` run this step (`start` = `seq.num_computed` when
+    scheduled); `samples`: the chunk ends at the last known token, so its logits pick the next."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    samples: bool
+
+    @classmethod
+    def of(cls, seq: Sequence, num_tokens: int) -> ScheduledChunk:
+        start = seq.num_computed
+        return cls(seq, start, num_tokens, start + num_tokens == seq.num_tokens)
 
 
 class Scheduler:
@@ -48,6 +67,15 @@ class Scheduler:
             self._admit(chunks, budget)
         return chunks
 
+    def postprocess(self, chunks: list[ScheduledChunk]) -> None:
+        """After a step ran `chunks`: their KV is computed; offer new chunks to the shared tier
+        (before windowed blocks go), register full blocks in the prefix cache, free left-behind ones."""
+        for c in chunks:
+            c.seq.num_computed += c.num_tokens
+            if c.seq.transfer is not None:
+                c.seq.transfer.offer_computed()
+            self.kv.after_step(c.seq)
+
     def _allocate_or_preempt(self, seq: Sequence, n: int) -> bool:
         """Allocate, preempting the latest arrivals until it fits; False if `seq` itself went."""
         while not self.kv.allocate(seq, n):
@@ -61,12 +89,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
             if self.cfg.enable_prefix_caching and not seq.tables:
-                hit = self.kv.match_prefix(seq)
-                self.kv.unpin(seq)
-                if seq.num_preemptions == 0:
-                    seq.num_cached_prompt_tokens = min(hit, seq.num_prompt_tokens)
-                    start, end = seq.remote_span
-                    seq.num_cached_remote_tokens = max(0, min(hit, end) - start)
+                self._match_prefix(seq)
             n = min(seq.num_uncomputed, budget)
             if not self.kv.allocate(seq, n):
                 self._release(seq)
@@ -76,6 +99,14 @@ class Scheduler:
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             chunks.append(ScheduledChunk.of(seq, n))
             budget -= n
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        hit = self.kv.match_prefix(seq)
+        first_time = seq.num_preemptions == 0
+        if first_time:
+            seq.num_cached_prompt_tokens = min(hit, seq.num_prompt_tokens)
+        if seq.transfer is not None:
+            seq.transfer.admitted(hit, first_time)
 
     def preempt(self, seq: Sequence) -> None:
         """Free `seq`'s KV and queue it first for recomputation (its tokens are kept)."""
@@ -95,5 +126,8 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
 
     def _release(self, seq: Sequence) -> None:
+        if seq.transfer is not None:
+            seq.transfer.release()
         self.kv.free(seq)
         seq.num_computed = 0
+

@@ -12,6 +12,7 @@ import torch
 from deployments.engine.block_pool import block_hash, salted_root
 
 if TYPE_CHECKING:
+    from deployments.engine.kv_transfer import KVTransfer
     from deployments.engine.params import SamplingParams
 
 
@@ -30,12 +31,15 @@ class ImageInput:
     digest: str
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Sequence:
+    """Built with keyword arguments. The scheduler owns the progress and KV fields (`status`,
+    `num_computed`, `tables`, ...; through `KVManager`); the shared tier's state is `transfer`'s."""
+
     request_id: str
     tokens: list[int]
     num_prompt_tokens: int
-    params: "SamplingParams"
+    params: "SamplingParams | None"
     arrival: int
     patch_token_id: int | None = None
     images: list[ImageInput] = field(default_factory=list)
@@ -43,20 +47,14 @@ class Sequence:
     generator: torch.Generator | None = None
     status: SeqStatus = SeqStatus.WAITING
     num_computed: int = 0  # tokens whose KV is in the cache
-    num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache (both tiers)
     # Block table per KV group ("full": NoPE layers, every block of the history; "chunked": RoPE
     # layers, -1 for blocks of chunks already left behind).
     tables: dict[str, list[int]] = field(default_factory=dict)
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered: int = 0  # leading full blocks already offered to the prefix cache
     num_preemptions: int = 0
-    # The shared (Redis) tier: blocks loaded for this sequence, held until it is admitted; the token
-    # span they cover; leading prompt chunks known to be in the tier; chunks offered to it so far.
-    pinned: list[tuple[str, int]] = field(default_factory=list)
-    remote_span: tuple[int, int] = (0, 0)
-    num_remote_chunks: int = 0
-    num_exported_chunks: int = 0
-    num_cached_remote_tokens: int = 0  # of num_cached_prompt_tokens, those loaded from the tier
+    transfer: "KVTransfer | None" = None  # traffic with the shared tier, when the engine has one
 
     def __post_init__(self) -> None:
         self._patch_image = self._patch_owners()
@@ -64,6 +62,10 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.tokens)
+
+    def append_token(self, token_id: int) -> None:
+        """A sampled token joins the sequence (its KV is computed by the next step)."""
+        self.tokens.append(token_id)
 
     @property
     def num_generated(self) -> int:

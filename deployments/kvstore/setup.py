@@ -35,7 +35,7 @@ def connect_tier(cfg: RedisConfig, engine: Engine, model_path: str) -> RemoteTie
     cost = FetchCost(cfg.fetch_policy, cfg.load_gbps * 1e9 if cfg.load_gbps else measure_load(store),
                      cfg.prefill_tokens_per_s or measure_prefill(engine, cfg.chunk_tokens), bytes_per_token)
     tier = RemoteTier(store, Namespace(fingerprint(model_path), layout), cost)
-    engine.attach_tier(tier)
+    engine.attach_shared_cache(tier)
     log.info("shared prefix cache at %s: %d-token chunks, %.0f KiB/token, load %.2f GB/s vs prefill %.0f tok/s "
              "(fetch policy %s)", store.url, cfg.chunk_tokens, bytes_per_token / 1024, cost.load_bytes_per_s / 1e9,
              cost.prefill_tokens_per_s, cfg.fetch_policy)

@@ -72,9 +72,9 @@ def test_follow_up_on_another_replica_loads_the_document_from_redis(cluster, red
     assert first.usage.cached_tokens == 0
     wait_for_keys(redis_server, (len(doc) + 2) // CHUNK)
     ids, out = on_other_replica(cluster, doc, first.usage.replica)
-    assert out.usage.cached_tokens_redis == len(doc) // CHUNK * CHUNK  # the whole document's chunks
+    assert out.usage.cached_tokens_shared == len(doc) // CHUNK * CHUNK  # the whole document's chunks
     assert list(out.token_ids) == cold(ids)
-    assert cluster.metric("ray_herd_prefix_cache_hit_tokens_total", 'tier="redis"') >= len(doc) // CHUNK * CHUNK
+    assert cluster.metric("ray_herd_prefix_cache_hit_tokens_total", 'tier="shared"') >= len(doc) // CHUNK * CHUNK
     assert cluster.metric("ray_herd_redis_read_bytes_total") > 0
 
 
@@ -99,7 +99,7 @@ def test_a_bad_value_ends_the_hit_and_never_reaches_the_output(cluster, redis_se
     value = r.get(third)
     r.set(third, value.replace(value[value.index(b'"model": "') + 10:][:32], b"f" * 32, 1))  # a foreign model
     ids, out = on_other_replica(cluster, doc, first.usage.replica)
-    assert out.usage.cached_tokens_redis == 2 * CHUNK  # chunks 0 and 1, then the rejected one
+    assert out.usage.cached_tokens_shared == 2 * CHUNK  # chunks 0 and 1, then the rejected one
     assert list(out.token_ids) == cold(ids)
     assert cluster.metric("ray_herd_redis_integrity_failures_total", 'reason="foreign_model"') >= 1
 

@@ -17,7 +17,8 @@ from PIL import Image
 
 from deployments import openai_api as oai
 from deployments.engine.params import SamplingParams
-from deployments.request import ChatTurn, GenerationDelta, ImagePart
+from deployments.engine.output import RequestOutput
+from deployments.request import ChatTurn, ImagePart
 from model.errors import InvalidInputError
 
 MODEL = "herd-tiny"
@@ -218,12 +219,12 @@ def test_many_problems_in_one_message_and_a_non_object_body():
 
 # ---- responses ----------------------------------------------------------------------------------
 
-def stream_of(logprobs: bool = False) -> list[GenerationDelta]:
+def stream_of(logprobs: bool = False) -> list[RequestOutput]:
     lp = (lambda x: [x]) if logprobs else (lambda x: None)
-    return [GenerationDelta("chatcmpl-abc", [10], "Hel", lp(-0.5)),
-            GenerationDelta("chatcmpl-abc", [11], "lo ✓", lp(-1.25)),
-            GenerationDelta("chatcmpl-abc", [2], "", lp(-0.01), finish_reason="stop", prompt_tokens=7,
-                            completion_tokens=3, cached_tokens=4)]
+    return [RequestOutput("chatcmpl-abc", [10], "Hel", lp(-0.5)),
+            RequestOutput("chatcmpl-abc", [11], "lo ✓", lp(-1.25)),
+            RequestOutput("chatcmpl-abc", [2], "", lp(-0.01), finish_reason="stop", num_prompt_tokens=7,
+                            num_generated_tokens=3, num_cached_tokens=4)]
 
 
 TOKENS = {10: "Hel", 11: "lo ✓", 2: "<|eot|>"}
@@ -250,7 +251,7 @@ def test_chat_logprobs_with_and_without_token_text():
     assert content[1].bytes == list("lo ✓".encode())
     fallback = oai.chat_completion("x", MODEL, stream_of(True))["choices"][0]["logprobs"]["content"]
     assert [t["token"] for t in fallback] == ["Hel", "lo ✓", ""]  # one token per delta: the delta's text
-    two = GenerationDelta("x", [10, 11], "Hello ✓", [-0.5, -1.0], "length", 1, 2)
+    two = RequestOutput("x", [10, 11], "Hello ✓", [-0.5, -1.0], "length", 1, 2)
     assert [t["token"] for t in oai.chat_completion("x", MODEL, [two])["choices"][0]["logprobs"]["content"]] == [
         "token_id:10", "token_id:11"]
 
@@ -272,8 +273,8 @@ def test_chat_stream_chunks_match_the_openai_type():
 
 
 def test_completion_matches_the_openai_type():
-    deltas = [GenerationDelta("cmpl-1", [10], "Hel", [-0.5]),
-              GenerationDelta("cmpl-1", [11], "lo", [-1.5], "length", 5, 2, 0)]
+    deltas = [RequestOutput("cmpl-1", [10], "Hel", [-0.5]),
+              RequestOutput("cmpl-1", [11], "lo", [-1.5], "length", 5, 2, 0)]
     d = oai.completion("cmpl-1", MODEL, deltas, {10: "Hel", 11: "lo"}.get, created=CREATED)
     c = oai_types.Completion.model_validate(d)
     assert (c.id, c.object, c.created, c.model) == ("cmpl-1", "text_completion", CREATED, MODEL)
@@ -282,11 +283,11 @@ def test_completion_matches_the_openai_type():
     assert (lp.tokens, lp.token_logprobs, lp.text_offset) == (["Hel", "lo"], [-0.5, -1.5], [0, 3])
     assert (c.usage.total_tokens, c.usage.prompt_tokens_details.cached_tokens) == (7, 0)
     assert oai.completion("1", MODEL, deltas[-1:])["id"] == "cmpl-1"
-    assert oai.completion("1", MODEL, [GenerationDelta("1", [2], "", None, "stop")])["choices"][0]["logprobs"] is None
+    assert oai.completion("1", MODEL, [RequestOutput("1", [2], "", None, "stop")])["choices"][0]["logprobs"] is None
 
 
 def test_completion_stream_chunks():
-    deltas = [GenerationDelta("cmpl-1", [10], "Hel"), GenerationDelta("cmpl-1", [11], "lo", None, "stop", 5, 2, 1)]
+    deltas = [RequestOutput("cmpl-1", [10], "Hel"), RequestOutput("cmpl-1", [11], "lo", None, "stop", 5, 2, 1)]
     chunks = [oai.completion_chunk("cmpl-1", MODEL, d, i == 0, CREATED) for i, d in enumerate(deltas)]
     assert chunks[0]["choices"] == [{"index": 0, "text": "Hel", "finish_reason": None, "logprobs": None}]
     last = oai_types.Completion.model_validate(chunks[1])  # the finishing chunk has a finish_reason

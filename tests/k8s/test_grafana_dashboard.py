@@ -5,7 +5,7 @@ import json
 from helm_chart import by_kind
 
 PANELS = ["TTFT", "ITL", "Throughput (tokens/s)", "KV blocks used / free",
-          "Prefix hit rate by tier (local / redis)", "Expert tokens per shard", "Expert load per expert",
+          "Prefix hit rate by tier (local / shared)", "Expert tokens per shard", "Expert load per expert",
           "Shared prefix cache (Redis)"]
 
 
@@ -20,5 +20,5 @@ def test_dashboard_configmap_holds_the_panels(renders):
     for panel in dashboard["panels"]:
         assert panel["targets"] and all(t["expr"] for t in panel["targets"]), panel["title"]
     hit_rate = next(p for p in dashboard["panels"] if p["title"].startswith("Prefix hit rate"))
-    assert "local|redis" in hit_rate["targets"][0]["expr"]
+    assert "local|shared" in hit_rate["targets"][0]["expr"]
     assert "tier" in hit_rate["targets"][0]["legendFormat"]

@@ -43,7 +43,7 @@ def test_hash_chain_depends_on_everything():
 
 
 def _seq(tokens, rid="r"):
-    return Sequence(rid, list(tokens), len(tokens), params=None, arrival=0)
+    return Sequence(request_id=rid, tokens=list(tokens), num_prompt_tokens=len(tokens), params=None, arrival=0)
 
 
 def _manager(chunk=8, blocks=64, bs=4):

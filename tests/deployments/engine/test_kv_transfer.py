@@ -9,7 +9,7 @@ from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
 from deployments.engine.kv_manager import KVGroup
-from deployments.engine.kv_transfer import KVChunk, TierPolicy
+from deployments.engine.kv_transfer import ChunkPolicy, KVChunk
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0)
 CHUNK = 16  # tokens per shared chunk; the checkpoint's attention chunk is 8
@@ -33,7 +33,7 @@ class DictSink:
 
 def engine_with(path, sink) -> Engine:
     engine = Engine.from_pretrained(path, EngineConfig(block_size=4, max_num_batched_tokens=24, kv_cache_bytes=2**22))
-    engine.attach_tier(sink)
+    engine.attach_shared_cache(sink)
     return engine
 
 
@@ -48,7 +48,7 @@ def fetch(engine: Engine, sink: DictSink, ids, salt: str = "") -> tuple[list[KVC
 
 
 def run(engine: Engine, ids, chunks=(), salt: str = ""):
-    rid = engine.add_request(ids, GREEDY, cache_salt=salt, remote_chunks=chunks, num_remote_chunks=len(chunks))
+    rid = engine.add_request(ids, GREEDY, cache_salt=salt, shared_chunks=chunks, num_shared_chunks=len(chunks))
     outs = []
     while engine.has_unfinished():
         outs += [o for o in engine.step() if o.request_id == rid]
@@ -86,7 +86,7 @@ def test_loaded_chunks_give_the_cold_tokens(request, ckpt, doc):
     assert local == 0 and len(chunks) == len(doc) // CHUNK
     warm, last = run(reader, question, chunks)
     assert warm == cold
-    assert last.num_cached_remote_tokens == last.num_cached_tokens == len(chunks) * CHUNK
+    assert last.num_cached_tokens_shared == last.num_cached_tokens == len(chunks) * CHUNK
     for pool in reader.kv.pools.values():  # everything released (cached entries stay revivable)
         assert pool.num_used == 0 and not any(pool.ref_counts)
 
@@ -102,13 +102,13 @@ def test_tenants_never_share_chunks(scout_ckpt, doc):
 
 def test_windowed_layers_are_stored_only_near_the_prefix_end():
     groups = [KVGroup("full", (3,), None, 8), KVGroup("chunked", (0, 1, 2), 32, 8)]
-    policy = TierPolicy(chunk_tokens=16, block_size=4)
+    policy = ChunkPolicy(chunk_tokens=16, block_size=4)
     # 5 chunks = 80 tokens: the prefix ends in the window [64, 96); chunk 4 starts at 64.
     assert [[g.name for g in policy.groups_for(groups, j, 5)] for j in range(5)] == [["full"]] * 4 + [["full", "chunked"]]
     # a prefix ending on a window boundary needs no windowed KV at all
     assert all([g.name for g in policy.groups_for(groups, j, 4)] == ["full"] for j in range(4))
     with pytest.raises(ValueError, match="multiple of the KV block size"):
-        TierPolicy(chunk_tokens=10, block_size=4)
+        ChunkPolicy(chunk_tokens=10, block_size=4)
 
 
 def test_a_request_aborted_before_admission_releases_its_loaded_blocks(scout_ckpt, doc):
@@ -117,7 +117,7 @@ def test_a_request_aborted_before_admission_releases_its_loaded_blocks(scout_ckp
     run(engine_with(path, sink), doc + [1])
     reader = engine_with(path, DictSink(accept=False))
     chunks, _ = fetch(reader, sink, doc + [2])
-    rid = reader.add_request(doc + [2], GREEDY, remote_chunks=chunks)
+    rid = reader.add_request(doc + [2], GREEDY, shared_chunks=chunks)
     pinned = sum(sum(1 for r in pool.ref_counts if r) for pool in reader.kv.pools.values())
     assert pinned >= len(chunks) * CHUNK // 4  # the full group's blocks at least
     assert reader.abort(rid)
@@ -143,7 +143,7 @@ def test_the_next_chat_turn_loads_the_generated_answer_too(request, ckpt):
     reader = engine_with(path, DictSink(accept=False))
     chunks, _ = fetch(reader, sink, next_turn)
     warm, last = run(reader, next_turn, chunks)
-    assert last.num_cached_remote_tokens == 4 * CHUNK
+    assert last.num_cached_tokens_shared == 4 * CHUNK
     assert warm == run(engine_with(path, DictSink(accept=False)), next_turn)[0]
 
 
@@ -153,12 +153,12 @@ def test_a_full_pool_loads_the_leading_chunks_that_fit(scout_ckpt, doc):
     run(engine_with(path, sink), doc + [1])
     reader = Engine.from_pretrained(path, EngineConfig(block_size=4, max_num_batched_tokens=24, num_blocks_full=32,
                                                        num_blocks_chunked=32))
-    reader.attach_tier(DictSink(accept=False))
+    reader.attach_shared_cache(DictSink(accept=False))
     chunks, _ = fetch(reader, sink, doc + [2])
     assert len(chunks) == 5  # 80 tokens = 20 full-group blocks
     held = [reader.kv.pools["full"].allocate() for _ in range(18)]  # another request's blocks: 14 left
-    rid = reader.add_request(doc + [2], GREEDY, remote_chunks=chunks)
-    assert reader.scheduler.waiting[0].remote_span == (0, 3 * CHUNK)  # 12 blocks loaded, chunk 3 did not fit
+    rid = reader.add_request(doc + [2], GREEDY, shared_chunks=chunks)
+    assert reader.scheduler.waiting[0].transfer.loaded_span == (0, 3 * CHUNK)  # 12 blocks loaded, chunk 3 did not fit
     for block in held:
         reader.kv.pools["full"].free(block)
     outs = []
@@ -166,5 +166,5 @@ def test_a_full_pool_loads_the_leading_chunks_that_fit(scout_ckpt, doc):
         outs += [o for o in reader.step() if o.request_id == rid]
     cold = Engine.from_pretrained(path, EngineConfig(block_size=4, max_num_batched_tokens=24))
     assert [t for o in outs for t in o.token_ids] == run(cold, doc + [2])[0]
-    assert outs[-1].num_cached_remote_tokens == 3 * CHUNK
+    assert outs[-1].num_cached_tokens_shared == 3 * CHUNK
     assert not any(reader.kv.pools["full"].ref_counts)
