@@ -15,9 +15,9 @@ The issue's target on a GPU: sharded throughput >= 80% of colocated at batch 128
     python bench/dispatch_bench.py --device cuda --preset scout --num-layers 4 --vocab-size 202048 \\
         --num-shards 2                                               # GPU, bf16, Scout-shaped
 
-The dtype follows the device as in the shards themselves (`ExpertShard`): fp32 on CPU, bf16 on
-CUDA. The local Ray is started with `address="local"` (never joins another cluster) and shut down
-at the end.
+The dtype follows the device as a Router's does (fp32 on CPU, bf16 on CUDA); the shards are given
+it, as a Router gives them its own. The local Ray is started with `address="local"` (never joins
+another cluster) and shut down at the end.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def start_shards(path: Path, args) -> list[tuple]:
+def start_shards(path: Path, args, dtype: torch.dtype) -> list[tuple]:
     """The production path: the ExpertPool actor places N shards in a placement group."""
     import ray
 
@@ -71,7 +71,7 @@ def start_shards(path: Path, args) -> list[tuple]:
     cfg = ExpertsConfig(mode="sharded", num_shards=args.num_shards, num_cpus_per_shard=args.cpus_per_shard,
                         num_gpus_per_shard=gpus)
     t0 = time.perf_counter()
-    shards = wait_for_shards(get_or_create_pool(str(path), cfg, args.device), timeout_s=600)
+    shards = wait_for_shards(get_or_create_pool(str(path), cfg, args.device, dtype), timeout_s=600)
     print(f"{args.num_shards} expert shards ready after {time.perf_counter() - t0:.1f} s "
           f"(experts {[r for _, r in shards]}, {args.cpus_per_shard} CPU + {gpus:g} GPU each)",
           file=sys.stderr, flush=True)
@@ -145,7 +145,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = default_dtype(args.device)  # as ExpertShard
+    dtype = default_dtype(args.device)  # as a router service
     with tempfile.TemporaryDirectory(prefix="herd-dispatch-bench-") as tmp:
         if args.model:
             path = Path(args.model).resolve()
@@ -171,7 +171,7 @@ def run(args, path: Path, dtype: torch.dtype) -> None:
     layer_idx = moe_layers[0] if args.layer is None else args.layer
     if layer_idx not in moe_layers:
         raise SystemExit(f"layer {layer_idx} is not a MoE layer; MoE layers: {moe_layers}")
-    shards = start_shards(path, args)
+    shards = start_shards(path, args, dtype)
     colocated, sharded = ColocatedExperts(model), ShardedExperts(shards, timeout_s=600)
     router = model.language_model.model.layers[layer_idx].feed_forward.router
 

@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from deployments.config import ExpertsConfig
 from model.checkpoint import load_expert_shard
 from model.config import Llama4Config
+from model.device import resolve_device
 
 log = logging.getLogger(__name__)
 NAMESPACE = "herd"
@@ -30,12 +31,23 @@ POOL_NAME = "herd-expert-pool"
 # Ray deserializes numpy arrays without a copy and pickles torch tensors: a dispatch sends arrays
 # (bf16 travels as int16 bits; numpy has no bf16). Measured per call with 2 shards on CPU, batch 128:
 # 1.4 ms with arrays vs 2.9 ms with tensors (bench/RESULTS.md).
+# Each array of a dispatch has one fixed dtype, whatever the model's: hidden states (sent and
+# returned) in the shards' dtype, expert ids int64, gate scores fp32 (what `Router.route` returns).
+IDS_DTYPE = torch.int64
+SCORES_DTYPE = torch.float32
+
+
 def to_wire(t: torch.Tensor) -> np.ndarray:
     t = t.detach().to("cpu", copy=False).contiguous()
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def from_wire(a: np.ndarray, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """The tensor of `dtype` that `to_wire` sent; a TypeError if the array is not of that dtype
+    (reinterpreting one dtype's bits as another's would be silent garbage)."""
+    expected = np.dtype(np.int16) if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+    if a.dtype != expected:
+        raise TypeError(f"wire array of {a.dtype} where {dtype} (as {expected}) was expected")
     t = torch.from_numpy(np.array(a, copy=not a.flags.writeable))  # Ray's arrays are read-only views
     return (t.view(torch.bfloat16) if dtype == torch.bfloat16 else t).to(device)
 
@@ -54,30 +66,31 @@ def split_experts(num_experts: int, num_shards: int) -> list[range]:
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ExpertShard:
-    def __init__(self, model_path: str, start: int, stop: int, device: str):
-        self.device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+    def __init__(self, model_path: str, start: int, stop: int, device: str, dtype: torch.dtype):
+        """`dtype`: the engine's (Router's) model dtype, which the hidden states travel in."""
+        self.device = resolve_device(device)
+        self.dtype = dtype
         self.experts = load_expert_shard(model_path, range(start, stop), device=self.device, dtype=dtype)
         self.range = (start, stop)
-        log.info("expert shard %s ready on %s (%d MoE layers)", self.range, self.device, len(self.experts))
+        log.info("expert shard %s ready on %s in %s (%d MoE layers)", self.range, self.device, dtype, len(self.experts))
 
     def info(self) -> dict:
         return {"experts": self.range, "node_id": ray.get_runtime_context().get_node_id()}
 
     @torch.inference_mode()
-    def run(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, scores: np.ndarray, dtype: str) -> np.ndarray:
-        """The routed experts of `layer` on the tokens sent (arrays: see `to_wire`)."""
-        dt, dev = getattr(torch, dtype), self.device
-        out = self.experts[layer](from_wire(x, dt, dev), from_wire(expert_ids, torch.long, dev),
-                                  from_wire(scores, dt, dev))
-        return to_wire(out.to(dt))
+    def run(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """The routed experts of `layer` on the tokens sent (arrays and their dtypes: see `to_wire`)."""
+        dev = self.device
+        out = self.experts[layer](from_wire(x, self.dtype, dev), from_wire(expert_ids, IDS_DTYPE, dev),
+                                  from_wire(scores, SCORES_DTYPE, dev))
+        return to_wire(out)
 
 
 @ray.remote(num_cpus=0)
 class ExpertPool:
     """Creates the shards once and tells Router replicas where they are."""
 
-    def __init__(self, model_path: str, cfg: dict, device: str):
+    def __init__(self, model_path: str, cfg: dict, device: str, dtype: torch.dtype):
         experts = ExpertsConfig.model_validate(cfg)
         num_experts = Llama4Config.from_dir(model_path).text.num_local_experts
         ranges = split_experts(num_experts, experts.num_shards)
@@ -91,7 +104,7 @@ class ExpertPool:
                 num_cpus=experts.num_cpus_per_shard, num_gpus=experts.num_gpus_per_shard,
                 resources=experts.resources_per_shard,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(model_path, r.start, r.stop, device)
+            ).remote(model_path, r.start, r.stop, device, dtype)
             for i, r in enumerate(ranges)
         ]
         self.ranges = [(r.start, r.stop) for r in ranges]
@@ -100,9 +113,11 @@ class ExpertPool:
         return list(zip(self.shards, self.ranges))
 
 
-def get_or_create_pool(model_path: str, cfg: ExpertsConfig, device: str) -> "ray.actor.ActorHandle":
+def get_or_create_pool(model_path: str, cfg: ExpertsConfig, device: str,
+                       dtype: torch.dtype) -> "ray.actor.ActorHandle":
+    """`dtype`: the engine's model dtype; the shards hold their experts in it."""
     return ExpertPool.options(name=POOL_NAME, namespace=NAMESPACE, lifetime="detached",
-                              get_if_exists=True).remote(model_path, cfg.model_dump(), device)
+                              get_if_exists=True).remote(model_path, cfg.model_dump(), device, dtype)
 
 
 def wait_for_shards(pool, timeout_s: float) -> list[tuple]:
@@ -130,12 +145,12 @@ class ShardedExperts:
     def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         start_time = time.perf_counter()
         calls = []
-        dtype = str(x.dtype).removeprefix("torch.")
+        expert_ids, scores = expert_ids.to(IDS_DTYPE), scores.to(SCORES_DTYPE)
         for i, (handle, (start, stop)) in enumerate(self.shards):
             rows = ((expert_ids >= start) & (expert_ids < stop)).any(dim=1).nonzero().squeeze(1)
             if rows.numel():
                 calls.append((i, rows, handle.run.remote(layer, to_wire(x[rows]), to_wire(expert_ids[rows]),
-                                                         to_wire(scores[rows]), dtype)))
+                                                         to_wire(scores[rows]))))
         out = torch.zeros_like(x)
         try:
             for i, rows, ref in calls:

@@ -53,7 +53,8 @@ class Router:
         self.metrics = RouterMetrics()
         backend = None
         if sharded:
-            shards = wait_for_shards(get_or_create_pool(cfg.model, cfg.experts, cfg.device), cfg.experts.startup_timeout_s)
+            pool = get_or_create_pool(cfg.model, cfg.experts, cfg.device, dtype)  # the shards run in our dtype
+            shards = wait_for_shards(pool, cfg.experts.startup_timeout_s)
             backend = ShardedExperts(shards, on_dispatch=self.metrics.record_dispatch)
         engine = Engine(model, Tokenizer.from_dir(cfg.model), cfg.engine, experts=backend)
         self.tier = connect_tier(cfg.redis, engine, cfg.model) if cfg.redis else None
