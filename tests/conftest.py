@@ -80,7 +80,10 @@ def reference(tmp_path):
 def reference_logits(ref, ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' logits `[T, vocab]`. `Llama4ForConditionalGeneration.forward` of transformers
     5.24 fails building its output object (no `image_outputs`), so this runs its parts in the order
-    that forward does: embed, vision tower + projector into the `<|patch|>` rows, language model."""
+    that forward does: embed, vision tower + projector into the `<|patch|>` rows, language model.
+    The dev extra pins transformers below 5.24, and
+    `tests/model/test_parity_images.py::test_image_logits_match_full_reference_forward` checks
+    us against the whole forward too."""
     embeds = ref.get_input_embeddings()(ids[None])
     if pixel_values is not None:
         features = ref.get_image_features(pixel_values=pixel_values, return_dict=True).last_hidden_state
