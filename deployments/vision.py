@@ -13,7 +13,7 @@ from deployments.metrics import VisionMetrics
 from deployments.logs import route_to_serve_logs
 from model.checkpoint import load_vision
 from model.device import default_dtype, resolve_device
-from model.image import ImageLimits, ImageProcessor, decode_image
+from model.image import ImageLimits, decode_image
 
 
 @serve.deployment
@@ -24,7 +24,7 @@ class VisionEncoder:
         self.device = resolve_device(cfg.device)
         dtype = default_dtype(self.device)
         self.tower = load_vision(cfg.model, device=self.device, dtype=dtype)
-        self.processor = ImageProcessor.from_vision_config(self.tower.cfg.vision)
+        self.processor = self.tower.image_processor  # from the checkpoint's preprocessor_config.json
         self.limits = ImageLimits(max_bytes=cfg.limits.max_image_bytes, max_pixels=cfg.limits.max_image_pixels)
         self.cache: OrderedDict[str, tuple] = OrderedDict()
         self.cache_size = cfg.vision.cache_size

@@ -1,5 +1,6 @@
 """Checkpoint I/O in the Hugging Face layout: `config.json` plus one `model.safetensors` or several
-shards with `model.safetensors.index.json`.
+shards with `model.safetensors.index.json`, and for a vision model the image processor's
+`preprocessor_config.json` (read once here; the loaded model carries the processor).
 
 The model is built on the `meta` device and filled tensor by tensor from memory-mapped files
 (`load_state_dict(assign=True)`: no double copies). An expert shard passes `experts=range(a, b)`
@@ -21,8 +22,10 @@ from tqdm import tqdm
 
 from model.config import Llama4Config
 from model.errors import CheckpointError
+from model.image import ImageProcessor
 from model.llama4 import Llama4
 from model.moe import Experts
+from model.processor_config import PREPROCESSOR_FILE, PROCESSOR_FILE
 from model.vision import Projector, VisionModel
 
 log = logging.getLogger(__name__)
@@ -52,12 +55,16 @@ def tensor_files(path: Path) -> dict[str, Path]:
 
 
 def fingerprint(path: str | Path, sample_bytes: int = 1 << 16) -> str:
-    """A cheap identity of the checkpoint at `path`: config.json plus, for every weight file, its
-    size and first and last `sample_bytes` (the safetensors header and some weights). Two
-    checkpoints share it only if they are the same files; it keys the shared KV cache."""
+    """A cheap identity of the checkpoint at `path`: config.json, the image processor config (it
+    shapes image embeddings) and, for every weight file, its size and first and last
+    `sample_bytes` (the safetensors header and some weights). Two checkpoints share it only if
+    they are the same files; it keys the shared KV cache."""
     path = Path(path)
     h = hashlib.blake2b(digest_size=16, person=b"herd-model")
     h.update((path / "config.json").read_bytes())
+    for name in (PROCESSOR_FILE, PREPROCESSOR_FILE):  # absent files leave older fingerprints as they were
+        if (path / name).is_file():
+            h.update(name.encode() + (path / name).read_bytes())
     for file in sorted(set(tensor_files(path).values())):
         size = file.stat().st_size
         h.update(file.name.encode() + size.to_bytes(8, "little"))
@@ -82,12 +89,13 @@ def load(
     `experts`: keep only these routed experts (an expert shard's slice); `expert_kernel`: their
     kernel (model/expert_kernel.py); `progress`: show a
     progress bar (None: only on a terminal). Raises `ConfigError` / `CheckpointError` naming the
-    file or tensor that is wrong."""
+    file, field or tensor that is wrong."""
     path = Path(path)
     cfg = Llama4Config.from_dir(path)
     _check_expert_range(experts, cfg)
+    processor = image_processor(path, cfg)
     with torch.device("meta"):
-        model = Llama4(cfg, experts, expert_kernel)
+        model = Llama4(cfg, experts, expert_kernel, processor)
     start = time.perf_counter()
     state = _read_state(path, model, device, dtype, experts, progress)
     model.load_state_dict(state, assign=True, strict=True)
@@ -96,13 +104,20 @@ def load(
     return model.eval().requires_grad_(False)
 
 
+def image_processor(path: str | Path, cfg: Llama4Config) -> ImageProcessor | None:
+    """The image processor of the checkpoint at `path` (None for a text-only one): its
+    preprocessor_config.json, validated against the vision tower. `load` and `load_vision` attach it."""
+    return None if cfg.vision is None else ImageProcessor.from_dir(path, cfg.vision)
+
+
 class VisionTower(torch.nn.Module):
     """The vision encoder and projector alone (what the VisionEncoder service holds), with the
-    checkpoint's parameter names."""
+    checkpoint's parameter names, and the checkpoint's `image_processor`."""
 
-    def __init__(self, cfg: Llama4Config):
+    def __init__(self, cfg: Llama4Config, image_processor: ImageProcessor):
         super().__init__()
         self.cfg = cfg
+        self.image_processor = image_processor
         self.vision_model = VisionModel(cfg.vision)
         self.multi_modal_projector = Projector(cfg.vision.vision_output_dim, cfg.text.hidden_size)
 
@@ -112,13 +127,14 @@ class VisionTower(torch.nn.Module):
 
 
 def load_vision(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VisionTower:
-    """Only the vision tower and projector of a checkpoint; no decoder weight is read."""
+    """Only the vision tower and projector of a checkpoint (with its image processor); no decoder weight is read."""
     path = Path(path)
     cfg = Llama4Config.from_dir(path)
     if cfg.vision is None:
         raise CheckpointError(f"{path} has no vision_config: it is a text-only checkpoint")
+    processor = image_processor(path, cfg)
     with torch.device("meta"):
-        tower = VisionTower(cfg)
+        tower = VisionTower(cfg, processor)
     tower.load_state_dict(_read_state(path, tower, device, dtype, None, False), assign=True, strict=True)
     return tower.eval().requires_grad_(False)
 

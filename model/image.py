@@ -1,4 +1,4 @@
-"""Image input for Llama 4: untrusted bytes -> PIL image -> normalized 336px tiles.
+"""Image input for Llama 4: untrusted bytes -> PIL image -> normalized tiles (336px in Scout).
 
 Public API (three steps, each usable alone):
 
@@ -10,8 +10,9 @@ Public API (three steps, each usable alone):
   composited onto white).
 * `ImageProcessor.preprocess(image)`: Llama 4 tiling, a re-implementation of transformers'
   `Llama4ImageProcessor` (tile grid chosen among the `max_patches` canvases, aspect-preserving
-  antialiased bilinear resize of the uint8 image, zero padding right/bottom, rescale + normalize,
-  row-major tiles, then a global tile when there is more than one local tile).
+  antialiased resize of the uint8 image, zero padding right/bottom, rescale + normalize,
+  row-major tiles, then a global tile when there is more than one local tile), configured by the
+  checkpoint's preprocessor_config.json (`ImageProcessor.from_dir`, `model.processor_config`).
 
 Pure pillow + torch; transformers is only the reference the tests compare against.
 """
@@ -33,6 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.config import VisionConfig
 from model.errors import ConfigError, ImageError
+from model.processor_config import ImageProcessorConfig
 
 __all__ = ["ALLOWED_FORMATS", "ImageLimits", "ImageProcessor", "ProcessedImage", "decode_image", "to_rgb"]
 
@@ -219,31 +221,46 @@ def _max_res_without_distortion(height: int, width: int, target_h, target_w) -> 
     return max(int(new_h), 1), max(int(new_w), 1)
 
 
-def _resize_uint8(image: torch.Tensor, height: int, width: int, native: bool | None = None) -> torch.Tensor:
-    """Antialiased bilinear resize of a uint8 `[3, H, W]` tensor, bit-identical to torchvision's
-    `resize(..., BILINEAR, antialias=True)`: torch's native uint8 kernel where torchvision uses it
-    (CPU with AVX2/AVX512, arm64), else float32 + round (other CPUs, GPUs), as torchvision does.
-    `native` forces one path (the two differ by at most one uint8 step)."""
+def _resize_uint8(image: torch.Tensor, height: int, width: int, native: bool | None = None,
+                  mode: str = "bilinear") -> torch.Tensor:
+    """Resize a uint8 `[3, H, W]` tensor bit-identically to torchvision's `resize(..., antialias=True)`
+    with interpolation `mode` (a `torch.nn.functional.interpolate` mode, see
+    `ImageProcessorConfig.interpolation`). "nearest-exact" resizes uint8 directly without antialias.
+    Bilinear, bicubic and lanczos antialias: torch's native uint8 kernel where torchvision uses it
+    (bicubic and lanczos on any CPU; bilinear on CPUs with AVX2/AVX512 and arm64), else float32,
+    clamp (bicubic, lanczos) and round, as torchvision does. `native` forces one path (the two
+    differ by at most one uint8 step)."""
     if tuple(image.shape[-2:]) == (height, width):
         return image
     batch = image.unsqueeze(0)
+    if mode == "nearest-exact":
+        return F.interpolate(batch, size=(height, width), mode=mode)[0]
     if native is None:
-        native = image.device.type == "cpu" and (
-            torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
-        )
+        native = image.device.type == "cpu" and (mode != "bilinear" or _native_uint8_bilinear())
     if native:
-        return F.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False, antialias=True)[0]
-    out = F.interpolate(batch.float(), size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+        return F.interpolate(batch, size=(height, width), mode=mode, align_corners=False, antialias=True)[0]
+    out = F.interpolate(batch.float(), size=(height, width), mode=mode, align_corners=False, antialias=True)
+    if mode != "bilinear":
+        out.clamp_(0, 255)
     return out.round_().to(torch.uint8)[0]
 
 
+def _native_uint8_bilinear() -> bool:
+    """torchvision's choice of the native uint8 bilinear kernel on this CPU."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+
+
 class ImageProcessor:
-    """Llama 4 image preprocessing, numerically matched to transformers' `Llama4ImageProcessor`.
+    """Llama 4 image preprocessing, numerically matched to transformers' `Llama4ImageProcessor`
+    configured by the same `ImageProcessorConfig` (a checkpoint's preprocessor_config.json).
 
     The tile grid and the resized/padded uint8 pixels are identical to the reference (same canvas
     search, same torch resize kernel). One deliberate difference: the reference rescales and
     normalizes in bfloat16 (error up to 2**-8 on values in [-1, 1]); we do it in float32, exactly
-    `(x / 255 - mean) / std`, and let the vision tower cast.
+    `(x * rescale_factor - mean) / std`, and let the vision tower cast.
+
+    Build it with `from_config` / `from_dir`; the keyword form (`ImageProcessor(28, 6, ...)`, the
+    remaining `ImageProcessorConfig` fields as keywords) is for tests and tools.
     """
 
     def __init__(
@@ -253,34 +270,42 @@ class ImageProcessor:
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.5, 0.5, 0.5),
         resize_to_max_canvas: bool = False,
+        **options,
     ) -> None:
-        if image_size < 1 or max_patches < 1:
-            raise ConfigError(f"image_size and max_patches must be >= 1, got {image_size}, {max_patches}")
-        if len(mean) != 3 or len(std) != 3 or any(s == 0 for s in std):
-            raise ConfigError(f"mean and std need 3 values each and a non-zero std, got {mean}, {std}")
-        self.image_size = image_size
-        self.max_patches = max_patches
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        self.resize_to_max_canvas = resize_to_max_canvas
-        self._resolutions = torch.tensor(_supported_resolutions(max_patches, image_size))
-        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        self.config = ImageProcessorConfig(image_size=image_size, max_patches=max_patches, image_mean=mean,
+                                           image_std=std, resize_to_max_canvas=resize_to_max_canvas, **options)
+        cfg = self.config
+        self.image_size = cfg.image_size
+        self.max_patches = cfg.max_patches
+        self.mean = cfg.image_mean
+        self.std = cfg.image_std
+        self.resize_to_max_canvas = cfg.resize_to_max_canvas
+        # explicit CPU: a model built under `torch.device("meta")` still gets a working processor
+        self._resolutions = torch.tensor(_supported_resolutions(cfg.max_patches, cfg.image_size), device="cpu")
+        self._mean = torch.tensor(self.mean, dtype=torch.float32, device="cpu").view(3, 1, 1)
+        self._std = torch.tensor(self.std, dtype=torch.float32, device="cpu").view(3, 1, 1)
 
     @classmethod
-    def from_vision_config(cls, cfg: VisionConfig, max_patches: int = 16) -> "ImageProcessor":
-        """The processor for a checkpoint's vision tower (tile side = `cfg.image_size`)."""
-        return cls(image_size=cfg.image_size, max_patches=max_patches)
+    def from_config(cls, cfg: ImageProcessorConfig) -> "ImageProcessor":
+        """The processor for these settings (already validated)."""
+        return cls(cfg.image_size, cfg.max_patches, cfg.image_mean, cfg.image_std, cfg.resize_to_max_canvas,
+                   resample=cfg.resample, do_rescale=cfg.do_rescale, rescale_factor=cfg.rescale_factor,
+                   do_normalize=cfg.do_normalize)
+
+    @classmethod
+    def from_dir(cls, path, vision: VisionConfig) -> "ImageProcessor":
+        """The processor of the checkpoint at `path` (its preprocessor_config.json; defaults with
+        tiles of `vision.image_size` when it has none). See `ImageProcessorConfig.from_dir`."""
+        return cls.from_config(ImageProcessorConfig.from_dir(path, vision))
 
     def __repr__(self) -> str:
-        return (f"ImageProcessor(image_size={self.image_size}, max_patches={self.max_patches}, mean={self.mean}, "
-                f"std={self.std}, resize_to_max_canvas={self.resize_to_max_canvas})")
+        return f"ImageProcessor({self.config})"
 
     def preprocess(self, image: Image.Image) -> ProcessedImage:
         """Tile one PIL image (any mode; converted with `to_rgb`)."""
         rgb = torch.from_numpy(np.array(to_rgb(image), dtype=np.uint8)).permute(2, 0, 1).contiguous()
         height, width = rgb.shape[-2:]
-        size = self.image_size
+        size, mode = self.image_size, self.config.interpolation
         canvas = _best_fit(height, width, self._resolutions, self.resize_to_max_canvas)
         if self.resize_to_max_canvas:
             target_h, target_w = canvas[0], canvas[1]
@@ -288,7 +313,7 @@ class ImageProcessor:
             target_h, target_w = min(max(height, size), canvas[0]), min(max(width, size), canvas[1])
         new_h, new_w = _max_res_without_distortion(height, width, target_h, target_w)
         canvas_h, canvas_w = int(canvas[0]), int(canvas[1])
-        resized = _resize_uint8(rgb, new_h, new_w)
+        resized = _resize_uint8(rgb, new_h, new_w, mode=mode)
         padded = F.pad(resized, (0, canvas_w - new_w, 0, canvas_h - new_h), value=0)
         rows, cols = canvas_h // size, canvas_w // size
         tiles = (
@@ -298,9 +323,15 @@ class ImageProcessor:
             .reshape(rows * cols, 3, size, size)
         )
         if rows * cols > 1:
-            global_tile = self._normalize(_resize_uint8(rgb, size, size))
+            global_tile = self._normalize(_resize_uint8(rgb, size, size, mode=mode))
             tiles = torch.cat([tiles, global_tile.unsqueeze(0)], dim=0)
         return ProcessedImage(pixel_values=tiles.contiguous(), aspect_ratio=(rows, cols))
 
     def _normalize(self, image: torch.Tensor) -> torch.Tensor:
-        return (image.to(torch.float32) * (1.0 / 255.0) - self._mean) / self._std
+        """uint8 `[3, H, W]` -> float32: `x * rescale_factor` if do_rescale, then `(x - mean) / std` if do_normalize."""
+        x = image.to(torch.float32)
+        if self.config.do_rescale:
+            x = x * self.config.rescale_factor
+        if self.config.do_normalize:
+            x = (x - self._mean) / self._std
+        return x

@@ -1,6 +1,6 @@
 """`Llama4`: the whole model (vision tower + projector + text decoder) with a whole-sequence,
 cache-free forward. It is the numerical reference the engine is tested against, and the holder of
-the weights the engine runs."""
+the weights the engine runs and of the checkpoint's image processor, which every caller uses."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from torch import nn
 
 from model.config import Llama4Config
 from model.errors import InvalidInputError
+from model.image import ImageProcessor
+from model.processor_config import ImageProcessorConfig
 from model.rope import text_freqs_cis, text_inv_freq
 from model.text import TextModel, causal_masks, masked_attention
 from model.vision import Projector, VisionModel
@@ -18,15 +20,21 @@ from model.vision import Projector, VisionModel
 
 class Llama4(nn.Module):
     """`experts`: keep only this range of routed expert ids in every MoE layer (None: all);
-    `expert_kernel`: the routed experts' kernel (model/expert_kernel.py)."""
+    `expert_kernel`: the routed experts' kernel (model/expert_kernel.py).
 
-    def __init__(self, cfg: Llama4Config, experts: range | None = None, expert_kernel: str = "reference"):
+    `image_processor`: the checkpoint's (`model.checkpoint.load` reads its preprocessor_config.json);
+    None gives a vision model the default one for its tower, a text-only model none."""
+
+    def __init__(self, cfg: Llama4Config, experts: range | None = None, expert_kernel: str = "reference",
+                 image_processor: ImageProcessor | None = None):
         super().__init__()
         self.cfg = cfg
         self.language_model = TextModel(cfg.text, experts, expert_kernel)
+        self.image_processor: ImageProcessor | None = None
         if cfg.vision is not None:
             self.vision_model = VisionModel(cfg.vision)
             self.multi_modal_projector = Projector(cfg.vision.vision_output_dim, cfg.text.hidden_size)
+            self.image_processor = image_processor if image_processor is not None else default_image_processor(cfg)
 
     @property
     def device(self) -> torch.device:
@@ -53,12 +61,9 @@ class Llama4(nn.Module):
 
     def preprocess_images(self, images: Sequence) -> torch.Tensor:
         """PIL images -> all their tiles `[N, 3, S, S]`, in order (each image's local tiles, then its global tile)."""
-        from model.image import ImageProcessor
-
-        if self.cfg.vision is None:
+        if self.image_processor is None:
             raise InvalidInputError("this checkpoint has no vision tower: it cannot take images")
-        processor = ImageProcessor.from_vision_config(self.cfg.vision)
-        return torch.cat([processor.preprocess(img).pixel_values for img in images])
+        return torch.cat([self.image_processor.preprocess(img).pixel_values for img in images])
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Tiles `[N, 3, S, S]` -> text-width embeddings `[N * tokens_per_tile, hidden]`."""
@@ -102,3 +107,8 @@ class Llama4(nn.Module):
         x = self.embed(ids, image_embeds)
         positions = torch.arange(ids.shape[0], device=self.device)
         return self.decode(x, positions).float()
+
+
+def default_image_processor(cfg: Llama4Config) -> ImageProcessor:
+    """The processor of a checkpoint without a processor config: defaults, tiles of the tower's size."""
+    return ImageProcessor.from_config(ImageProcessorConfig.default_for(cfg.vision))

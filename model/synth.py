@@ -1,5 +1,6 @@
 """Synthetic checkpoints in the exact Hugging Face Llama 4 layout (config.json, safetensors shards
-with an index, tokenizer.json + tokenizer_config.json, generation_config.json).
+with an index, tokenizer.json + tokenizer_config.json, generation_config.json, and for a vision
+model preprocessor_config.json: the default processor with tiles of the tower's image_size).
 
 Weights are random but well-conditioned: projections scaled by 1/sqrt(fan_in) so activations stay
 O(1) and a random model still has distinct logits and decisive routing (greedy decoding is stable
@@ -21,6 +22,7 @@ from model.checkpoint import INDEX_FILE, SINGLE_FILE
 from model.config import Llama4Config
 from model.llama4 import Llama4
 from model.presets import SpecialIds, preset
+from model.processor_config import ImageProcessorConfig
 from model.synth_tokenizer import write_synthetic_tokenizer
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ def synthesize(
     cfg = preset(preset_name, ids, num_layers=num_layers)
     cfg.save(out, dtype=str(dtype).removeprefix("torch."))
     _write_generation_config(out, cfg)
+    if cfg.vision is not None:
+        ImageProcessorConfig.default_for(cfg.vision).save(out)
     num_text = min(ids.bos, ids.vocab_size)  # the special tokens follow the text tokens
     _write_weights(out, cfg, seed, dtype, torch.device(device), max_shard_bytes, progress, num_text)
     log.info("wrote synthetic %s checkpoint to %s", preset_name, out)

@@ -22,6 +22,7 @@ def hf_tiny_config(
     chunk: int = 8,
     floor_scale: int = 4,
     image_size: int = 56,
+    patch_size: int = 14,
 ):
     """A transformers `Llama4Config` small enough to run in milliseconds on a CPU."""
     from transformers import Llama4Config
@@ -39,7 +40,7 @@ def hf_tiny_config(
     )
     vision = dict(
         hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
-        patch_size=14, vision_output_dim=48, projector_input_dim=48, projector_output_dim=48,
+        patch_size=patch_size, vision_output_dim=48, projector_input_dim=48, projector_output_dim=48,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     return Llama4Config(text_config=text, vision_config=vision, boi_token_index=BOI, eoi_token_index=EOI,

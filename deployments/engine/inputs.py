@@ -11,7 +11,6 @@ from PIL import Image
 
 from deployments.engine.sequence import ImageInput
 from model.errors import InvalidInputError
-from model.image import ImageProcessor
 from model.llama4 import Llama4
 from model.prompt import expand_image_tokens
 from model.tokenizer import Tokenizer
@@ -29,12 +28,11 @@ def prepare_prompt(model: Llama4, tokenizer: Tokenizer, prompt_ids: Sequence[int
     the images. Without images the ids pass through unchanged."""
     if not images:
         return list(prompt_ids), []
-    if model.cfg.vision is None:
+    if model.image_processor is None:
         raise InvalidInputError("this model has no vision tower: it cannot take images")
     if len(digests) != len(images):
         raise ValueError("one digest per image is needed")
-    processor = ImageProcessor.from_vision_config(model.cfg.vision)
-    processed = [processor.preprocess(img) for img in images]
+    processed = [model.image_processor.preprocess(img) for img in images]  # the checkpoint's processor config
     per_tile = model.cfg.vision.tokens_per_tile
     ids = expand_image_tokens(prompt_ids, [p.aspect_ratio for p in processed], per_tile, tokenizer.image_ids)
     embeds = model.encode_images(torch.cat([p.pixel_values for p in processed]))

@@ -182,10 +182,10 @@ def test_resize_paths_agree_within_one_step():
         assert (a - b).abs().max() <= 1
 
 
-def test_from_vision_config():
+def test_defaults_without_a_processor_config(tmp_path):
     cfg = VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
                        image_size=28, patch_size=14)
-    proc = ImageProcessor.from_vision_config(cfg)
+    proc = ImageProcessor.from_dir(tmp_path, cfg)  # no preprocessor_config.json: tiles of the tower's size
     assert (proc.image_size, proc.max_patches) == (28, 16)
     assert proc.preprocess(noisy_rgb(60, 30)).pixel_values.shape[-2:] == (28, 28)
     with pytest.raises(ConfigError):

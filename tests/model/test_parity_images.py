@@ -6,7 +6,6 @@ import torch
 from PIL import Image
 
 import model
-from model.image import ImageProcessor
 from model.prompt import image_token_ids
 from model.tokenizer import ImageTokenIds
 from tests.conftest import BOI, EOI, IMAGE, PATCH, TILE_X, TILE_Y, TINY_VOCAB, reference_logits
@@ -44,7 +43,7 @@ def test_image_logits_match(reference, sizes, variant):
     kw = {} if variant == "scout" else dict(moe_step=2, num_experts=8, qk_norm=False, llama3_scaling=False)
     ref, ckpt = reference(**kw)
     ours = model.load(ckpt)
-    processor = ImageProcessor.from_vision_config(ours.cfg.vision)
+    processor = ours.image_processor
     images = [_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
     ids, tiles = _prompt(images, processor, ours.cfg.vision.tokens_per_tile)
     assert len(ids) > 8 * 2  # longer than two attention chunks
@@ -80,7 +79,7 @@ def test_images_change_the_logits(reference):
     """Guard against a vacuous pass: a different image changes the text logits after it."""
     _, ckpt = reference()
     ours = model.load(ckpt)
-    processor = ImageProcessor.from_vision_config(ours.cfg.vision)
+    processor = ours.image_processor
     a, b = _image(40, 40, seed=1), _image(40, 40, seed=2)
     ids, _ = _prompt([a], processor, ours.cfg.vision.tokens_per_tile)
     assert (ours.logits(ids, [a])[-1] - ours.logits(ids, [b])[-1]).abs().max() > 1e-3
@@ -89,7 +88,7 @@ def test_images_change_the_logits(reference):
 def test_wrong_image_count(reference):
     _, ckpt = reference()
     ours = model.load(ckpt)
-    processor = ImageProcessor.from_vision_config(ours.cfg.vision)
+    processor = ours.image_processor
     img = _image(150, 60, seed=0)
     ids, _ = _prompt([img], processor, ours.cfg.vision.tokens_per_tile)
     with pytest.raises(model.InvalidInputError, match="<\\|patch\\|> tokens"):

@@ -8,6 +8,7 @@ import torch
 
 import model
 from cluster.cli import main
+from model.processor_config import ImageProcessorConfig
 from model.tokenizer import Tokenizer
 
 
@@ -22,7 +23,7 @@ def tiny_scout(tmp_path_factory):
 def test_layout(tiny_scout):
     files = {p.name for p in tiny_scout.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "model.safetensors.index.json"} <= files
+            "model.safetensors.index.json", "preprocessor_config.json"} <= files
     assert sum(name.endswith(".safetensors") for name in files) > 1  # sharded by --max-shard-gib
     index = json.loads((tiny_scout / "model.safetensors.index.json").read_text())
     assert "language_model.model.layers.0.feed_forward.experts.gate_up_proj" in index["weight_map"]
@@ -49,6 +50,18 @@ def test_transformers_reads_it_and_agrees(tiny_scout):
     ids = torch.tensor(Tokenizer.from_dir(tiny_scout).encode("The quick brown fox " * 6, add_bos=True))
     diff = (ours.logits(ids) - reference_logits(ref, ids)).abs().max().item()
     assert diff <= 1e-4
+
+
+def test_processor_config_matches_the_vision_tower(tiny_scout):
+    """transformers reads the written preprocessor_config.json as the default Llama 4 processor with
+    tiles of the tower's image_size, and so do we."""
+    from transformers import AutoImageProcessor
+
+    cfg = model.Llama4Config.from_dir(tiny_scout)
+    hf = AutoImageProcessor.from_pretrained(tiny_scout)
+    assert (hf.size.height, hf.size.width) == (cfg.vision.image_size, cfg.vision.image_size)
+    assert (hf.max_patches, hf.resize_to_max_canvas, int(hf.resample)) == (16, False, 2)
+    assert model.load(tiny_scout).image_processor.config == ImageProcessorConfig.default_for(cfg.vision)
 
 
 def test_deterministic(tiny_scout, tmp_path):

@@ -12,7 +12,6 @@ from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
 from deployments.engine.inputs import prepare_prompt
-from model.image import ImageProcessor
 from tests.deployments.engine.conftest import hf_greedy
 
 SMALL_STEPS = EngineConfig(block_size=4, max_num_batched_tokens=16, max_num_seqs=16)
@@ -82,7 +81,7 @@ def test_preemption_keeps_tokens_exact(scout_ckpt):
 def test_image_prompts(request, ckpt):
     ref, path = request.getfixturevalue(ckpt)
     engine = Engine.from_pretrained(path, SMALL_STEPS)
-    processor = ImageProcessor.from_vision_config(engine.model.cfg.vision)
+    processor = engine.model.image_processor
     images = [Image.effect_noise((150, 60), 40).convert("RGB"), Image.effect_noise((30, 50), 60).convert("RGB")]
     image = engine.tokenizer.image_ids.image
     placeholders = [5, 6, image, 7, 8, image, 9]
