@@ -1,7 +1,7 @@
 """MoE dispatch benchmark: sharded vs colocated experts on the same synthetic checkpoint, in one run.
 
 (a) One MoE layer's routed-expert computation at each batch size (tokens): `ColocatedExperts.run`
-    (in-process, what a Router runs with `experts.mode: colocated`) vs `ShardedExperts.run` (tokens
+    (in-process, what a router service runs with `experts.mode: colocated`) vs `ShardedExperts.run` (tokens
     sent to N `ExpertShard` actors on a local Ray and added back, `experts.mode: sharded`). The
     inputs are real: random hidden states routed by the layer's own router. Calls alternate between
     the two backends so that background load hits both alike; median and p90 over `--iters` calls
@@ -15,8 +15,8 @@ The issue's target on a GPU: sharded throughput >= 80% of colocated at batch 128
     python bench/dispatch_bench.py --device cuda --preset scout --num-layers 4 --vocab-size 202048 \\
         --num-shards 2                                               # GPU, bf16, Scout-shaped
 
-The dtype follows the device as a Router's does (fp32 on CPU, bf16 on CUDA); the shards are given
-it, as a Router gives them its own. The local Ray is started with `address="local"` (never joins
+The dtype follows the device as a router service's does (fp32 on CPU, bf16 on CUDA); the shards are given
+it, as a router service gives them its own. The local Ray is started with `address="local"` (never joins
 another cluster) and shut down at the end.
 """
 

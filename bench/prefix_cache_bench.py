@@ -1,15 +1,15 @@
 """Prefix-cache benchmark: TTFT of a follow-up question on a long document, cold vs local hit vs
 Redis hit on another replica, and Redis load throughput, measured side by side in one run.
 
-Two engines stand for two Router replicas: A prefills the document (and writes its chunks to
+Two engines stand for two router-service replicas: A prefills the document (and writes its chunks to
 Redis), B has an empty local cache. Each TTFT is the time from the request to its first token,
 including the Redis lookup, fetch, checks and the load into the paged cache.
 
     python bench/prefix_cache_bench.py                          # CPU: small-scout, 4k-token document
     python bench/prefix_cache_bench.py --device cuda --preset scout --num-layers 4 --doc-tokens 32768
 
-Load throughput compares, on the same stored chunk values, the Router's store
-(deployments/kvstore/store.py: redis-py's blocking client with hiredis, on worker threads) with
+Load throughput compares, on the same stored chunk values, the router service's store
+(deployments/shared_cache/store.py: redis-py's blocking client with hiredis, on worker threads) with
 redis.asyncio on an event loop.
 """
 
@@ -35,8 +35,8 @@ from deployments.engine.config import EngineConfig  # noqa: E402
 from deployments.engine.engine import Engine  # noqa: E402
 from deployments.engine.params import SamplingParams  # noqa: E402
 from deployments.engine.kv_transfer import KVChunk  # noqa: E402
-from deployments.kvstore.codec import decode, encode  # noqa: E402
-from deployments.kvstore.setup import connect_tier  # noqa: E402
+from deployments.shared_cache.codec import decode, encode  # noqa: E402
+from deployments.shared_cache.setup import connect_shared_cache  # noqa: E402
 from model.checkpoint import load  # noqa: E402
 from model.device import default_dtype  # noqa: E402
 from model.synth import synthesize  # noqa: E402
@@ -55,7 +55,7 @@ def make_engine(path: Path, args, redis_url: str) -> tuple[Engine, object]:
     cfg = EngineConfig(max_num_batched_tokens=args.prefill_chunk, kv_cache_bytes=args.kv_cache_mb << 20,
                        max_model_len=args.doc_tokens + 256)
     engine = Engine(load(path, device=args.device, dtype=dtype), Tokenizer.from_dir(path), cfg)
-    tier = connect_tier(RedisConfig(url=redis_url, chunk_tokens=args.chunk_tokens, fetch_policy="always",
+    tier = connect_shared_cache(RedisConfig(url=redis_url, chunk_tokens=args.chunk_tokens, fetch_policy="always",
                                     max_inflight_mb=4096), engine, str(path))
     return engine, tier
 
@@ -77,7 +77,7 @@ def ttft(engine: Engine, tier, ids: list[int], device: str) -> tuple[float, int]
 
 
 def load_throughput(tier, keys: list[str], port: int, total_mb: int, repeats: int) -> dict[str, float]:
-    """GB/s of loading `total_mb` of stored chunks: the Router's path (`RemoteTier.fetch`: pipelined
+    """GB/s of loading `total_mb` of stored chunks: the router service's path (`SharedCache.fetch`: pipelined
     reads, every value checked and viewed as tensors) next to bare MGETs by redis-py's clients.
     The chunks are re-encoded copies of the document's largest one under fresh digests."""
     import redis

@@ -267,7 +267,7 @@ _MEASUREMENTS = itertools.count()
 
 async def measure(target, args, mode_label: str) -> dict:
     """Warm up, then the measured requests. Every measurement (and its warm-up) gets prompts of its
-    own seed: a prompt seen before would be served from the Router's prefix cache."""
+    own seed: a prompt seen before would be served from the router service's prefix cache."""
     try:
         model = await target.check()
     except Exception as e:  # noqa: BLE001 -- one readable line instead of a traceback
@@ -333,7 +333,7 @@ def deploy(model_dir: Path, mode: str, args) -> None:
     engine = {"max_num_seqs": max(64, args.concurrency)}
     cfg = HerdConfig.model_validate({
         "model": str(model_dir), "device": args.device, "experts": experts, "engine": engine,
-        "router": {"num_replicas": args.router_replicas, "num_gpus": router_gpus / args.router_replicas},
+        "router_service": {"num_replicas": args.router_replicas, "num_gpus": router_gpus / args.router_replicas},
         "vision": {"num_gpus": vision_gpus}})
     t0 = time.perf_counter()
     serve.run(build_app(cfg), name="herd", route_prefix="/")
@@ -439,9 +439,9 @@ def main() -> None:
                        help="expert mode(s) to deploy and measure one after the other, e.g. `colocated sharded` "
                             "(default colocated)")
     start.add_argument("--num-shards", type=int, default=2, help="expert-shard actors in sharded mode (default 2)")
-    start.add_argument("--router-replicas", type=int, default=1, help="Router replicas (default 1)")
+    start.add_argument("--router-replicas", type=int, default=1, help="router-service replicas (default 1)")
     start.add_argument("--router-gpus", type=float,
-                       help="GPUs of all Router replicas together (default on cuda: 0.9 colocated, 0.5 sharded; "
+                       help="GPUs of all router-service replicas together (default on cuda: 0.9 colocated, 0.5 sharded; "
                             "the VisionEncoder gets 0.1)")
     start.add_argument("--gpus-per-shard", type=float, help="GPUs per expert shard (default on cuda: 0.4 / shards)")
     start.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),

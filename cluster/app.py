@@ -6,6 +6,7 @@ from __future__ import annotations
 from ray.serve import Application
 
 from deployments.config import DeploymentOptions, HerdConfig, RoutingConfig
+from deployments.routing.registry import request_router_class
 
 
 def _options(opts: DeploymentOptions) -> dict:
@@ -17,25 +18,24 @@ def _options(opts: DeploymentOptions) -> dict:
 
 
 def _request_router(routing: RoutingConfig) -> dict:
-    """The Router deployment's request router: prefix affinity (deployments/prefix_router.py) or,
-    for `power_of_two`, Serve's default."""
-    if routing.policy != "prefix_affinity":
+    """The router service's request router, from the policy registry (deployments/routing/registry.py);
+    nothing for Serve's default."""
+    router_class = request_router_class(routing.policy)
+    if router_class is None:
         return {}
     from ray.serve.config import RequestRouterConfig
 
-    from deployments.prefix_router import PrefixAffinityRouter
-
     return {"request_router_config": RequestRouterConfig(
-        request_router_class=PrefixAffinityRouter, request_router_kwargs=routing.model_dump(exclude={"policy"}))}
+        request_router_class=router_class, request_router_kwargs=routing.model_dump(exclude={"policy"}))}
 
 
 def build_app(args: dict | HerdConfig) -> Application:
     from deployments.ingress import Ingress
-    from deployments.router import Router
+    from deployments.router_service import RouterService
     from deployments.vision import VisionEncoder
 
     cfg = args if isinstance(args, HerdConfig) else HerdConfig.model_validate(args)
     config = cfg.model_dump()
-    router = Router.options(**_options(cfg.router), **_request_router(cfg.routing)).bind(config)
+    router = RouterService.options(**_options(cfg.router_service), **_request_router(cfg.routing)).bind(config)
     vision = VisionEncoder.options(**_options(cfg.vision)).bind(config)
     return Ingress.options(**_options(cfg.ingress)).bind(config, router, vision)

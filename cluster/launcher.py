@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from deployments.config import HerdConfig, RedisConfig
-from deployments.kvstore.address import redact
+from deployments.shared_cache.address import redact
 
 log = logging.getLogger(__name__)
 RAY_PORT = 6390  # not 6379: that is Redis's

@@ -11,6 +11,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.engine.config import EngineConfig
+from deployments.routing.registry import REQUEST_ROUTERS
+from model.expert_kernel import expert_kernel
 
 
 class _Frozen(BaseModel):
@@ -19,7 +21,7 @@ class _Frozen(BaseModel):
 
 class ExpertsConfig(_Frozen):
     mode: Literal["colocated", "sharded"] = Field(
-        "colocated", description="colocated: experts run inside each Router; sharded: in ExpertShard actors"
+        "colocated", description="colocated: experts run inside each router-service replica; sharded: in ExpertShard actors"
     )
     num_shards: int = Field(1, ge=1, description="expert-shard actors (sharded mode); experts split evenly")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
@@ -28,7 +30,14 @@ class ExpertsConfig(_Frozen):
     num_cpus_per_shard: float = Field(1.0, ge=0)
     num_gpus_per_shard: float = Field(0.0, ge=0)
     resources_per_shard: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per shard")
-    startup_timeout_s: float = Field(600.0, gt=0, description="how long a Router waits for the shards to load")
+    startup_timeout_s: float = Field(600.0, gt=0, description="how long a router-service replica waits for the shards to load")
+    kernel: str = Field("reference", description="the routed experts' kernel, a name from model/expert_kernel.py")
+
+    @field_validator("kernel")
+    @classmethod
+    def _known_kernel(cls, kernel: str) -> str:
+        expert_kernel(kernel)  # ConfigError (a ValueError) naming the known kernels
+        return kernel
 
 
 class DeploymentOptions(_Frozen):
@@ -51,7 +60,7 @@ class VisionOptions(DeploymentOptions):
 
 
 class RedisConfig(_Frozen):
-    """The shared prefix cache (deployments/kvstore). Redis itself should run with a `maxmemory`
+    """The shared prefix cache (deployments/shared_cache). Redis itself should run with a `maxmemory`
     and `maxmemory-policy allkeys-lru` (what `herd up` and the Helm chart set): it is a cache."""
 
     url: str = Field(description="redis:// or rediss:// (TLS) URL, without credentials")
@@ -70,26 +79,34 @@ class RedisConfig(_Frozen):
     @field_validator("url")
     @classmethod
     def _url_is_redis(cls, url: str) -> str:
-        from deployments.kvstore.address import RedisAddress
+        from deployments.shared_cache.address import RedisAddress
 
         RedisAddress.parse(url)  # scheme, no credentials
         return url
 
 
 class RoutingConfig(_Frozen):
-    policy: Literal["prefix_affinity", "power_of_two"] = Field(
+    policy: str = Field(
         "prefix_affinity",
-        description="prefix_affinity: same session / same leading prompt chunks go to the Router replica that served "
-        "them last, unless it is overloaded (deployments/prefix_router.py); power_of_two: Serve's default router",
+        description="a name from deployments/routing/registry.py. prefix_affinity: same session / same leading prompt "
+        "chunks go to the router-service replica that served them last, unless it is overloaded "
+        "(deployments/routing/prefix_affinity.py); power_of_two: Serve's default router",
     )
     chunk_tokens: int = Field(256, ge=1, description="prompts match by whole leading chunks of this many tokens")
     overload_fraction: float = Field(
         0.5, gt=0, le=1,
         description="a replica is overloaded (affinity yields to the least-loaded replica) when its ongoing requests "
-        "reach this fraction of router.max_ongoing_requests",
+        "reach this fraction of router_service.max_ongoing_requests",
     )
     max_prefix_entries: int = Field(100_000, ge=1, description="chunk hashes remembered per Ingress replica (LRU)")
     max_sessions: int = Field(100_000, ge=1, description="session ids remembered per Ingress replica (LRU)")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, policy: str) -> str:
+        if policy not in REQUEST_ROUTERS:
+            raise ValueError(f"unknown routing policy {policy!r}: choose one of {sorted(REQUEST_ROUTERS)}")
+        return policy
 
 
 class HerdConfig(_Frozen):
@@ -98,13 +115,13 @@ class HerdConfig(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
-    router: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    router_service: DeploymentOptions = Field(default_factory=DeploymentOptions, description="the engine replicas")
     vision: VisionOptions = Field(default_factory=VisionOptions)
     ingress: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(num_cpus=0.5))
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     redis: RedisConfig | None = Field(None, description="the Redis server of the shared prefix cache")
     routing: RoutingConfig = Field(
-        default_factory=RoutingConfig, description="how the Ingress picks the Router replica of each request"
+        default_factory=RoutingConfig, description="how the Ingress picks the router-service replica of each request"
     )
 
     @property

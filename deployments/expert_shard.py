@@ -1,9 +1,9 @@
 """Expert-shard actors: each holds a contiguous slice of the routed experts of every MoE layer
-(read from the checkpoint by slice, nothing else loaded) and runs them for any Router replica.
+(read from the checkpoint by slice, nothing else loaded) and runs them for any router-service replica.
 
 `ExpertPool` is one named, detached actor that creates the shards once, in a placement group
-(PACK or SPREAD over nodes), and hands their handles to every Router replica. Shards restart
-when they die; a call in flight to a dead shard fails fast (no retries) and the Router turns
+(PACK or SPREAD over nodes), and hands their handles to every router-service replica. Shards restart
+when they die; a call in flight to a dead shard fails fast (no retries) and the router service turns
 that into UNAVAILABLE for the requests of that step.
 """
 
@@ -32,7 +32,7 @@ POOL_NAME = "herd-expert-pool"
 # (bf16 travels as int16 bits; numpy has no bf16). Measured per call with 2 shards on CPU, batch 128:
 # 1.4 ms with arrays vs 2.9 ms with tensors (bench/RESULTS.md).
 # Each array of a dispatch has one fixed dtype, whatever the model's: hidden states (sent and
-# returned) in the shards' dtype, expert ids int64, gate scores fp32 (what `Router.route` returns).
+# returned) in the shards' dtype, expert ids int64, gate scores fp32 (what `MoEGate.route` returns).
 IDS_DTYPE = torch.int64
 SCORES_DTYPE = torch.float32
 
@@ -66,11 +66,13 @@ def split_experts(num_experts: int, num_shards: int) -> list[range]:
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ExpertShard:
-    def __init__(self, model_path: str, start: int, stop: int, device: str, dtype: torch.dtype):
-        """`dtype`: the engine's (Router's) model dtype, which the hidden states travel in."""
+    def __init__(self, model_path: str, start: int, stop: int, device: str, dtype: torch.dtype,
+                 kernel: str = "reference"):
+        """`dtype`: the engine's (router service's) model dtype, which the hidden states travel in."""
         self.device = resolve_device(device)
         self.dtype = dtype
-        self.experts = load_expert_shard(model_path, range(start, stop), device=self.device, dtype=dtype)
+        self.experts = load_expert_shard(model_path, range(start, stop), device=self.device, dtype=dtype,
+                                         expert_kernel=kernel)
         self.range = (start, stop)
         log.info("expert shard %s ready on %s in %s (%d MoE layers)", self.range, self.device, dtype, len(self.experts))
 
@@ -88,7 +90,7 @@ class ExpertShard:
 
 @ray.remote(num_cpus=0)
 class ExpertPool:
-    """Creates the shards once and tells Router replicas where they are."""
+    """Creates the shards once and tells router-service replicas where they are."""
 
     def __init__(self, model_path: str, cfg: dict, device: str, dtype: torch.dtype):
         experts = ExpertsConfig.model_validate(cfg)
@@ -104,7 +106,7 @@ class ExpertPool:
                 num_cpus=experts.num_cpus_per_shard, num_gpus=experts.num_gpus_per_shard,
                 resources=experts.resources_per_shard,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(model_path, r.start, r.stop, device, dtype)
+            ).remote(model_path, r.start, r.stop, device, dtype, experts.kernel)
             for i, r in enumerate(ranges)
         ]
         self.ranges = [(r.start, r.stop) for r in ranges]

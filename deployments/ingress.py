@@ -1,7 +1,7 @@
 """The Ingress deployment: gRPC (`herd.v1.Herd`) and OpenAI-style HTTP in front of the cluster.
 
 It validates requests, renders the Llama 4 chat format, tokenizes, sends images to the
-VisionEncoder, expands the image tokens, and streams a Router replica's output back. Every failure
+VisionEncoder, expands the image tokens, and streams a router-service replica's output back. Every failure
 becomes a status code with a readable message (deployments/errors.py); nothing it receives can
 crash a replica.
 """
@@ -58,12 +58,12 @@ def _http_error(error: Exception) -> JSONResponse:
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, config: dict, router: DeploymentHandle, vision: DeploymentHandle):
+    def __init__(self, config: dict, router_service: DeploymentHandle, vision: DeploymentHandle):
         route_to_serve_logs()
         self.cfg = HerdConfig.model_validate(config)
         self.model_cfg = Llama4Config.from_dir(self.cfg.model)
         self.tokenizer = Tokenizer.from_dir(self.cfg.model)
-        self.router = router
+        self.router_service = router_service
         self.vision = vision
 
     # ---- the request path shared by both APIs ------------------------------------------------
@@ -71,7 +71,7 @@ class Ingress:
         if req.model and req.model != self.cfg.model_name:
             raise ModelNotFound(f"model {req.model!r} is not served here; this cluster serves {self.cfg.model_name!r}")
         ids, images = await self._prompt(req)
-        response = self.router.options(stream=True).generate.remote(
+        response = self.router_service.options(stream=True).generate.remote(
             req.request_id, ids, req.params, images, req.tenant, req.session_id)
         try:
             async for delta in response:

@@ -20,7 +20,7 @@ def inc_by_growth(counter: Counter, seen: dict, key, total: int, tags: dict | No
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 
 
-class RouterMetrics:
+class RouterServiceMetrics:
     def __init__(self) -> None:
         self.requests = Counter("herd_requests", "finished requests by status", tag_keys=("status",))
         self.ttft = Histogram("herd_ttft_seconds", "time to first token", boundaries=LATENCY_BUCKETS)

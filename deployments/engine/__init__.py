@@ -1,5 +1,5 @@
 """The Herd engine: paged KV cache, continuous batching with chunked prefill, sampling and
-streaming, in one process without Ray (the Router deployment embeds it).
+streaming, in one process without Ray (the router service embeds it).
 
     from deployments.engine import Engine, SamplingParams
     engine = Engine.from_pretrained("checkpoints/small-scout")

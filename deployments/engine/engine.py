@@ -3,7 +3,7 @@
     engine = Engine.from_pretrained("checkpoints/small-scout")
     [done] = engine.generate(["The capital of France is"], SamplingParams(max_tokens=16, temperature=0))
 
-`add_request` / `step` / `abort` are the streaming interface the Router deployment drives; each
+`add_request` / `step` / `abort` are the streaming interface the router service drives; each
 `step` runs one batch (decode tokens first, then prefill chunks) and returns the deltas.
 """
 

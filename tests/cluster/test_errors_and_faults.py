@@ -31,7 +31,7 @@ def grpc_error(served, request) -> grpc.RpcError:
 
 @pytest.fixture(scope="module")
 def sharded(served):
-    served.deploy(router={"num_replicas": 2}, experts={"mode": "sharded", "num_shards": 2})
+    served.deploy(router_service={"num_replicas": 2}, experts={"mode": "sharded", "num_shards": 2})
     return served
 
 

@@ -1,4 +1,4 @@
-"""The Redis-backed prefix cache on a real cluster: 2 Router replicas, a real redis-server, gRPC.
+"""The Redis-backed prefix cache on a real cluster: 2 router-service replicas, a real redis-server, gRPC.
 
 A document prefilled by one replica is loaded from Redis by the other and gives exactly the tokens
 of a cold run; tenants never share hits; bad values are rejected; losing Redis loses no request."""
@@ -21,7 +21,7 @@ MAX_TOKENS = 5
 
 @pytest.fixture(scope="module")
 def cluster(served, redis_server):
-    served.deploy(router={"num_replicas": 2, "num_cpus": 0.5}, routing={"policy": "power_of_two"},
+    served.deploy(router_service={"num_replicas": 2, "num_cpus": 0.5}, routing={"policy": "power_of_two"},
                   redis={"url": redis_server.url, "chunk_tokens": CHUNK, "fetch_policy": "always", "cooldown_s": 1.0})
     return served
 
@@ -119,6 +119,6 @@ def test_requests_survive_redis_dying_and_the_cache_comes_back(cluster, redis_se
     redis_server.start()
     deadline = time.monotonic() + 30
     while not redis_server.client().keys("herd:kv:*"):  # the breaker closes, writes resume
-        assert time.monotonic() < deadline, "the Routers did not reconnect to Redis"
+        assert time.monotonic() < deadline, "the router-service replicas did not reconnect to Redis"
         ask(cluster, document(100 + int(time.monotonic() * 10) % 1000))
         time.sleep(0.5)

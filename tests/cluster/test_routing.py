@@ -1,4 +1,4 @@
-"""Prefix-affinity routing on a real local Ray + Serve with two Router replicas: a long document
+"""Prefix-affinity routing on a real local Ray + Serve with two router-service replicas: a long document
 followed by different questions stays on one replica (and hits its local prefix cache), a session
 sticks to its replica whatever its prompts, and the power-of-two policy still deploys."""
 
@@ -14,7 +14,7 @@ CHUNK = 16  # tokens per affinity chunk here (the engine's KV block is 16 too)
 
 @pytest.fixture(scope="module")
 def two_routers(served):
-    served.deploy(router={"num_replicas": 2, "num_cpus": 0.5}, vision={"num_cpus": 0.5},
+    served.deploy(router_service={"num_replicas": 2, "num_cpus": 0.5}, vision={"num_cpus": 0.5},
                   routing={"policy": "prefix_affinity", "chunk_tokens": CHUNK})
     return served
 
@@ -51,6 +51,6 @@ def test_session_sticks_to_its_replica(two_routers):
 
 
 def test_power_of_two_policy_deploys(served):
-    served.deploy(router={"num_replicas": 2, "num_cpus": 0.5}, vision={"num_cpus": 0.5},
+    served.deploy(router_service={"num_replicas": 2, "num_cpus": 0.5}, vision={"num_cpus": 0.5},
                   routing={"policy": "power_of_two"})
     assert generate(served, [1, 5, 6, 7], session="x").replica

@@ -145,7 +145,7 @@ def test_grpc_unary_equals_streaming(colocated):
 
 
 def test_metrics_show_requests_and_expert_load(colocated):
-    """After the requests above: Ray's Prometheus endpoint has the Router's counters, including
+    """After the requests above: Ray's Prometheus endpoint has the router service's counters, including
     the tokens routed to each expert (load imbalance)."""
     assert colocated.metric("ray_herd_requests_total", 'status="ok"') > 0
     assert colocated.metric("ray_herd_expert_routed_tokens_total") > 0

@@ -25,7 +25,7 @@ def test_shipped_serve_config():
 @pytest.mark.parametrize("args, field", [
     ({}, "model"),
     ({"model": "m", "experts": {"mode": "scattered"}}, "experts.mode"),
-    ({"model": "m", "router": {"num_replicas": 0}}, "router.num_replicas"),
+    ({"model": "m", "router_service": {"num_replicas": 0}}, "router_service.num_replicas"),
     ({"model": "m", "engine": {"block_size": "big"}}, "engine.block_size"),
     ({"model": "m", "colour": "blue"}, "colour"),
 ])
@@ -36,7 +36,7 @@ def test_bad_config_names_the_field(args, field):
 
 def test_one_gpu_runs_the_experts_colocated():
     from deployments.config import ExpertsConfig
-    from deployments.router import experts_are_sharded
+    from deployments.router_service import experts_are_sharded
 
     gpu_shards = ExpertsConfig(mode="sharded", num_shards=2, num_gpus_per_shard=1)
     assert not experts_are_sharded(gpu_shards, cluster_gpus=1)

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from cluster.config import ExpertsConfig
+from deployments.config import ExpertsConfig
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.experts import ColocatedExperts

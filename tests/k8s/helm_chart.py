@@ -29,7 +29,7 @@ CASES = {
         "--set", "head.mountModel=true",
         "--set", "model.source=pvc",
         "--set", "model.pvc.claimName=herd-models",
-        "--set", "router.autoscaling.enabled=true",
+        "--set", "routerService.autoscaling.enabled=true",
         "--set", "autoscaler.version=v2",
         "--set", "imagePullSecrets[0].name=regcred",
     ],

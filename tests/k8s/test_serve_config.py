@@ -42,7 +42,7 @@ def test_serve_config_follows_the_herd_contract(renders, case):
 
     cfg = HerdConfig.model_validate(args)
     assert cfg.experts.mode == args["experts"]["mode"] and cfg.redis.url == args["redis"]["url"]
-    assert [d["name"] for d in app["deployments"]] == ["Ingress", "VisionEncoder", "Router"]
+    assert [d["name"] for d in app["deployments"]] == ["Ingress", "VisionEncoder", "RouterService"]
 
 
 def test_redis_url_follows_the_redis_choice(renders):
@@ -56,8 +56,8 @@ def test_single_gpu_profile_colocates_experts_on_one_gpu(renders):
     app = serve_config(renders["single-gpu"])["applications"][0]
     assert app["args"]["experts"]["mode"] == "colocated"
     deployments = {d["name"]: d for d in app["deployments"]}
-    assert deployments["Router"]["num_replicas"] == 1
-    gpus = sum(deployments[n]["ray_actor_options"]["num_gpus"] for n in ("Router", "VisionEncoder"))
+    assert deployments["RouterService"]["num_replicas"] == 1
+    gpus = sum(deployments[n]["ray_actor_options"]["num_gpus"] for n in ("RouterService", "VisionEncoder"))
     assert gpus <= _min_cluster_gpus(renders["single-gpu"]) == 1
 
 
@@ -65,8 +65,8 @@ def test_multinode_profile_spreads_shards_over_nodes(renders):
     app = serve_config(renders["multinode"])["applications"][0]
     experts = app["args"]["experts"]
     assert experts["mode"] == "sharded" and experts["placement_strategy"] == "SPREAD"
-    router = {d["name"]: d for d in app["deployments"]}["Router"]
-    assert router["autoscaling_config"]["min_replicas"] >= 2
+    router_service = {d["name"]: d for d in app["deployments"]}["RouterService"]
+    assert router_service["autoscaling_config"]["min_replicas"] >= 2
 
 
 @pytest.mark.parametrize("case", ["default", "single-gpu", "multinode"])

@@ -13,7 +13,7 @@ WORKER = '{"name": "h100x8", "replicas": 1, "minReplicas": 1, "maxReplicas": 2}'
 
 # name -> (helm arguments, where the schema error must point)
 BAD_VALUES = {
-    "negative router replicas": (["--set", "router.replicas=-1"], "/router/replicas"),
+    "negative router service replicas": (["--set", "routerService.replicas=-1"], "/routerService/replicas"),
     "negative worker replicas": (["--set-json", "gpuWorkers=[" + WORKER.replace('"replicas": 1', '"replicas": -1') + "]"],
                                  "/gpuWorkers/0/replicas"),
     "unknown experts mode": (["--set", "experts.mode=everywhere"], "/experts/mode"),
@@ -24,6 +24,8 @@ BAD_VALUES = {
                                    "/gpuWorkers/0/gpus"),
     "fractional gpu count": (["--set", "gpuWorkerDefaults.gpus=0.5"], "/gpuWorkerDefaults/gpus"),
     "unknown top-level key": (["--set", "routers.replicas=2"], "'routers' not allowed"),
+    # values written before the rename to routerService must fail, not be silently ignored
+    "old router key": (["--set", "router.replicas=2"], "'router' not allowed"),
     "secret in runtime env": (["--set", "serve.envVars.HF_TOKEN=hf_abc"], "HF_TOKEN"),
     "credentials in redis url": (["--set", "redis.deploy=false",
                                   "--set", "redis.external.url=redis://user:pw@redis:6379/0"],
@@ -46,8 +48,9 @@ BAD_COMBINATIONS = {
     "external redis auth without secret": (["--set", "redis.deploy=false",
                                             "--set", "redis.external.url=redis://r:6379/0"],
                                            "redis.auth.existingSecret"),
-    "autoscaling min above max": (["--set", "router.autoscaling.enabled=true",
-                                   "--set", "router.autoscaling.minReplicas=9"], "minReplicas > maxReplicas"),
+    "autoscaling min above max": (["--set", "routerService.autoscaling.enabled=true",
+                                   "--set", "routerService.autoscaling.minReplicas=9"],
+                                  "routerService.autoscaling: minReplicas > maxReplicas"),
 }
 
 

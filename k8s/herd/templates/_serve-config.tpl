@@ -63,9 +63,9 @@ applications:
     {{- end }}
     ray_actor_options:
       num_gpus: {{ $v.vision.numGpus }}
-  - name: Router
-    {{- include "herd.serve.replicas" $v.router | nindent 4 }}
-    max_ongoing_requests: {{ int $v.router.maxOngoingRequests }}
+  - name: RouterService
+    {{- include "herd.serve.replicas" $v.routerService | nindent 4 }}
+    max_ongoing_requests: {{ int $v.routerService.maxOngoingRequests }}
     ray_actor_options:
-      num_gpus: {{ $v.router.numGpus }}
+      num_gpus: {{ $v.routerService.numGpus }}
 {{- end -}}

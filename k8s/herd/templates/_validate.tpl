@@ -12,7 +12,7 @@ with the message.
 {{- fail (printf "gpuWorkers %s: need minReplicas <= replicas <= maxReplicas" $w.name) -}}
 {{- end -}}
 {{- end -}}
-{{- range $name := list "vision" "router" -}}
+{{- range $name := list "vision" "routerService" -}}
 {{- $a := (index $v $name).autoscaling -}}
 {{- if and $a.enabled (gt (int $a.minReplicas) (int $a.maxReplicas)) -}}
 {{- fail (printf "%s.autoscaling: minReplicas > maxReplicas" $name) -}}

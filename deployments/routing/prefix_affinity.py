@@ -1,11 +1,11 @@
-"""Prefix-affinity request routing for the Router deployment: a Ray Serve `RequestRouter`.
+"""Prefix-affinity request routing for the router service: a Ray Serve `RequestRouter`.
 
-What: the DeploymentHandle the Ingress holds for the Router deployment picks the replica of every
+What: the DeploymentHandle the Ingress holds for the router service picks the replica of every
 `generate` call with `PrefixAffinityRouter` instead of Serve's default power of two choices
-(`cluster/app.py` sets it as the Router's `request_router_config` when `routing.policy` is
+(`cluster/app.py` sets it as the router service's `request_router_config` when `routing.policy` is
 `prefix_affinity`).
 
-Why: a Router replica keeps the KV of what it prefilled in its local prefix cache (the Redis tier is
+Why: a router-service replica keeps the KV of what it prefilled in its local prefix cache (the Redis tier is
 shared but slower). When the next turn of a long-document session lands on the replica that already
 prefilled the document, only the new question is computed.
 
@@ -158,7 +158,7 @@ def _arg(pr: PendingRequest, index: int, name: str, default: Any) -> Any:
 
 
 class PrefixAffinityRouter(LocalityMixin, RequestRouter):
-    """Serve request router of the Router deployment (see the module docstring). No `FIFOMixin`: the
+    """Serve request router of the router service (see the module docstring). No `FIFOMixin`: the
     replica chosen for a request must serve that request, not the head of the queue."""
 
     def __init__(self, *args, **kwargs):

@@ -1,4 +1,4 @@
-"""`connect_tier`: build a Router replica's shared prefix-cache tier and attach it to its engine,
+"""`connect_shared_cache`: build a router-service replica's shared prefix-cache tier and attach it to its engine,
 measuring what the fetch-vs-recompute decision needs (Redis load bandwidth, prefill speed)."""
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import torch
 from deployments.config import RedisConfig
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
-from deployments.kvstore.codec import KVLayout, Namespace
-from deployments.kvstore.store import Breaker, RedisKVStore
-from deployments.kvstore.tier import FetchCost, RemoteTier
+from deployments.shared_cache.codec import KVLayout, Namespace
+from deployments.shared_cache.store import Breaker, RedisKVStore
+from deployments.shared_cache.cache import FetchCost, SharedCache
 from model.checkpoint import fingerprint
 
 log = logging.getLogger(__name__)
 DEFAULT_LOAD_BYTES_PER_S = 1e9
 
 
-def connect_tier(cfg: RedisConfig, engine: Engine, model_path: str) -> RemoteTier:
+def connect_shared_cache(cfg: RedisConfig, engine: Engine, model_path: str) -> SharedCache:
     password = os.environ.get(cfg.password_env) if cfg.password_env else None
     if cfg.password_env and password is None:
         log.warning("redis.password_env names %s, which is not set: connecting without a password", cfg.password_env)
@@ -34,12 +34,12 @@ def connect_tier(cfg: RedisConfig, engine: Engine, model_path: str) -> RemoteTie
     bytes_per_token = sum(layout.bytes_per_token(name) for name, _, _ in layout.groups)
     cost = FetchCost(cfg.fetch_policy, cfg.load_gbps * 1e9 if cfg.load_gbps else measure_load(store),
                      cfg.prefill_tokens_per_s or measure_prefill(engine, cfg.chunk_tokens), bytes_per_token)
-    tier = RemoteTier(store, Namespace(fingerprint(model_path), layout), cost)
-    engine.attach_shared_cache(tier)
+    cache = SharedCache(store, Namespace(fingerprint(model_path), layout), cost)
+    engine.attach_shared_cache(cache)
     log.info("shared prefix cache at %s: %d-token chunks, %.0f KiB/token, load %.2f GB/s vs prefill %.0f tok/s "
              "(fetch policy %s)", store.url, cfg.chunk_tokens, bytes_per_token / 1024, cost.load_bytes_per_s / 1e9,
              cost.prefill_tokens_per_s, cfg.fetch_policy)
-    return tier
+    return cache
 
 
 def measure_load(store: RedisKVStore, size: int = 8 << 20, repeats: int = 3) -> float:

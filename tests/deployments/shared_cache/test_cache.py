@@ -1,4 +1,4 @@
-"""`RemoteTier` on a real redis-server with real engines: the fetch-vs-recompute decision, and what
+"""`SharedCache` on a real redis-server with real engines: the fetch-vs-recompute decision, and what
 lookups count."""
 
 import asyncio
@@ -10,8 +10,8 @@ from deployments.config import RedisConfig
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
-from deployments.kvstore.setup import connect_tier
-from deployments.kvstore.tier import FetchCost
+from deployments.shared_cache.setup import connect_shared_cache
+from deployments.shared_cache.cache import FetchCost
 from model.synth import synthesize
 from tests.cluster.conftest import RedisServer
 
@@ -27,7 +27,7 @@ def server(tmp_path_factory):
 
 def engine_and_tier(checkpoint, url: str, **redis):
     engine = Engine.from_pretrained(checkpoint, EngineConfig(block_size=4))
-    tier = connect_tier(RedisConfig(url=url, chunk_tokens=16, load_gbps=1.0, prefill_tokens_per_s=1e4, **redis),
+    tier = connect_shared_cache(RedisConfig(url=url, chunk_tokens=16, load_gbps=1.0, prefill_tokens_per_s=1e4, **redis),
                         engine, str(checkpoint))
     return engine, tier
 

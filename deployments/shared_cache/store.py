@@ -1,6 +1,6 @@
-"""`RedisKVStore`: the Router's connection to the shared Redis, safe to lose.
+"""`RedisKVStore`: the router service's connection to the shared Redis, safe to lose.
 
-Reads use `redis.asyncio` (hiredis parser) on the Router's event loop: one pipelined MGET per
+Reads use `redis.asyncio` (hiredis parser) on the router service's event loop: one pipelined MGET per
 lookup; on loopback it reads about 3 GB/s, against 1.6-1.8 GB/s for redis-py's blocking client
 (bench/RESULTS.md). Writes run on one background thread with the blocking client, fed by a queue
 bounded in bytes, so encoding and sending never touch the event loop or the engine thread. Every
@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from deployments.kvstore.address import RedisAddress, redact
+from deployments.shared_cache.address import RedisAddress, redact
 
 log = logging.getLogger(__name__)
 

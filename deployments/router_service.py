@@ -1,4 +1,4 @@
-"""The Router deployment: one engine per replica (scheduler, paged KV cache, attention, MoE gate,
+"""`RouterService`, the router service: one engine per replica (scheduler, paged KV cache, attention, MoE gate,
 sampling). Experts run in-process (colocated) or on the shared expert-shard actors."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from deployments.engine.output import RequestOutput
 from deployments.engine.params import SamplingParams
 from deployments.engine.sequence import ImageInput
 from deployments.expert_shard import ShardedExperts, get_or_create_pool, wait_for_shards
-from deployments.kvstore.setup import connect_tier
+from deployments.shared_cache.setup import connect_shared_cache
 from deployments.logs import route_to_serve_logs
-from deployments.metrics import RouterMetrics
+from deployments.metrics import RouterServiceMetrics
 from model.checkpoint import load
 from model.device import default_dtype, resolve_device
 from model.tokenizer import Tokenizer
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def experts_are_sharded(experts: ExpertsConfig, cluster_gpus: float) -> bool:
     """Sharded when configured, except on a cluster with one GPU (or none) whose shards would want
-    GPUs: there the experts run inside the Router (colocated), which is what one GPU can hold best."""
+    GPUs: there the experts run inside the router service (colocated), which is what one GPU can hold best."""
     if experts.mode != "sharded":
         return False
     if experts.num_gpus_per_shard > 0 and cluster_gpus <= 1:
@@ -42,22 +42,23 @@ def experts_are_sharded(experts: ExpertsConfig, cluster_gpus: float) -> bool:
 
 
 @serve.deployment
-class Router:
+class RouterService:
     def __init__(self, config: dict):
         route_to_serve_logs()
         cfg = HerdConfig.model_validate(config)
         device = resolve_device(cfg.device)
         dtype = default_dtype(device)
         sharded = experts_are_sharded(cfg.experts, ray.cluster_resources().get("GPU", 0))
-        model = load(cfg.model, device=device, dtype=dtype, experts=range(0, 0) if sharded else None)
-        self.metrics = RouterMetrics()
+        model = load(cfg.model, device=device, dtype=dtype, experts=range(0, 0) if sharded else None,
+                     expert_kernel=cfg.experts.kernel)
+        self.metrics = RouterServiceMetrics()
         backend = None
         if sharded:
             pool = get_or_create_pool(cfg.model, cfg.experts, cfg.device, dtype)  # the shards run in our dtype
             shards = wait_for_shards(pool, cfg.experts.startup_timeout_s)
             backend = ShardedExperts(shards, on_dispatch=self.metrics.record_dispatch)
         engine = Engine(model, Tokenizer.from_dir(cfg.model), cfg.engine, experts=backend)
-        self.tier = connect_tier(cfg.redis, engine, cfg.model) if cfg.redis else None
+        self.shared_cache = connect_shared_cache(cfg.redis, engine, cfg.model) if cfg.redis else None
         self.engine = AsyncEngine(engine)
         self._stats_task: asyncio.Task | None = None
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -67,13 +68,13 @@ class Router:
                        images: Sequence[ImageInput] = (), cache_salt: str = "",
                        session_id: str = "") -> AsyncIterator[RequestOutput]:
         """Stream one request. `cache_salt` (the tenant) keys its prefix-cache entries; `session_id`
-        is read by the prefix-affinity request router in the caller (deployments/prefix_router.py)."""
+        is read by the prefix-affinity request router in the caller (deployments/routing/prefix_affinity.py)."""
         if self._stats_task is None:
             self._stats_task = asyncio.create_task(self._publish_stats())
         start = last = time.perf_counter()
         status = "error"
         try:
-            chunks, known = await self.tier.lookup(self.engine.engine, prompt_ids, images, cache_salt) if self.tier else ([], 0)
+            chunks, known = await self.shared_cache.lookup(self.engine.engine, prompt_ids, images, cache_salt) if self.shared_cache else ([], 0)
             async for out in self.engine.generate(request_id, prompt_ids, params, images=images, cache_salt=cache_salt,
                                                   shared_chunks=chunks, num_shared_chunks=known):
                 now = time.perf_counter()
@@ -92,16 +93,16 @@ class Router:
         while True:
             self.metrics.record_stats(self.engine.stats())
             self.metrics.record_expert_tokens(self.engine.expert_tokens())
-            if self.tier is not None:
-                await self.tier.store.probe()
-                self.metrics.redis.publish(self.tier, self.tier.store)
+            if self.shared_cache is not None:
+                await self.shared_cache.store.probe()
+                self.metrics.redis.publish(self.shared_cache, self.shared_cache.store)
             await asyncio.sleep(1.0)
 
     def stats(self) -> dict:
         stats = self.engine.stats()
-        if self.tier is not None:
-            t, s = self.tier.stats, self.tier.store.stats
-            stats["prefix_cache"] = {"redis_up": not self.tier.store.breaker.is_open, "hit_chunks": t.hit_chunks,
+        if self.shared_cache is not None:
+            t, s = self.shared_cache.stats, self.shared_cache.store.stats
+            stats["prefix_cache"] = {"redis_up": not self.shared_cache.store.breaker.is_open, "hit_chunks": t.hit_chunks,
                                      "miss_chunks": t.miss_chunks, "skipped": t.skipped,
                                      "integrity_failures": dict(t.integrity_failures), "bytes_read": s.bytes_read,
                                      "bytes_written": s.bytes_written, "errors": dict(s.errors)}

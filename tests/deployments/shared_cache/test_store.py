@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from deployments.kvstore.address import RedisAddress, redact
-from deployments.kvstore.store import Breaker, RedisKVStore
+from deployments.shared_cache.address import RedisAddress, redact
+from deployments.shared_cache.store import Breaker, RedisKVStore
 from tests.cluster.conftest import RedisServer
 
 

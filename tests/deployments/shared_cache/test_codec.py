@@ -5,7 +5,7 @@ import torch
 
 from deployments.engine.kv_manager import KVGroup
 from deployments.engine.kv_transfer import KVChunk
-from deployments.kvstore.codec import CorruptChunk, KVLayout, Namespace, decode, encode
+from deployments.shared_cache.codec import CorruptChunk, KVLayout, Namespace, decode, encode
 
 GROUPS = [KVGroup("full", (3,), None, 8), KVGroup("chunked", (0, 1, 2), 32, 8)]
 

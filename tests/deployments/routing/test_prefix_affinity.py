@@ -13,7 +13,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID
 
 from cluster.app import _request_router
 from deployments.config import HerdConfig, RoutingConfig
-from deployments.prefix_router import AffinityTable, Decision, Match, PrefixAffinityRouter, decide, is_overloaded
+from deployments.routing.prefix_affinity import AffinityTable, Decision, Match, PrefixAffinityRouter, decide, is_overloaded
 
 C = 4  # tokens per chunk in these tests
 DOC = list(range(100, 100 + 3 * C))  # three chunks
@@ -114,7 +114,7 @@ class FakeReplica:
     """What Serve's routing loop reads of a `RunningReplica`."""
 
     def __init__(self, name: str, max_ongoing: int = 10):
-        self.replica_id = ReplicaID(unique_id=name, deployment_id=DeploymentID(name="Router", app_name="herd"))
+        self.replica_id = ReplicaID(unique_id=name, deployment_id=DeploymentID(name="RouterService", app_name="herd"))
         self.max_ongoing_requests = max_ongoing
         self.queue_len = 0
         self.node_id = "node"
@@ -129,7 +129,7 @@ class FakeReplica:
 class Harness:
     def __init__(self, n: int, **state):
         self.router = PrefixAffinityRouter(
-            deployment_id=DeploymentID(name="Router", app_name="herd"), handle_source=DeploymentHandleSource.REPLICA,
+            deployment_id=DeploymentID(name="RouterService", app_name="herd"), handle_source=DeploymentHandleSource.REPLICA,
             use_replica_queue_len_cache=True)
         self.router.initialize_state(chunk_tokens=C, **state)
         self.replicas = [FakeReplica(f"r{i}") for i in range(n)]
@@ -232,7 +232,7 @@ def test_config_wires_the_request_router():
                                           "max_prefix_entries": 100_000, "max_sessions": 100_000}
     assert _request_router(RoutingConfig(policy="power_of_two")) == {}
     assert HerdConfig(model="m").routing.policy == "prefix_affinity"
-    r = PrefixAffinityRouter(deployment_id=DeploymentID(name="Router", app_name="herd"),
+    r = PrefixAffinityRouter(deployment_id=DeploymentID(name="RouterService", app_name="herd"),
                              handle_source=DeploymentHandleSource.REPLICA)
     r.initialize_state(**opts.request_router_kwargs)
     assert r.table.chunk_tokens == 16 and r.overload_fraction == 0.5

@@ -1,10 +1,10 @@
-"""`RemoteTier`: the shared Redis prefix cache as seen by one Router replica.
+"""`SharedCache`: the shared Redis prefix cache as seen by one router-service replica.
 
 Before a request is queued, `lookup` asks the engine which leading prompt chunks its local prefix
 cache already holds, then fetches the following chunks from Redis in one pipelined read (on a
 worker thread, while the engine keeps stepping), checks every value (codec.decode) and hands the
 good leading run to the engine, which loads it into the paged cache: only what is missing is
-prefilled. As the engine computes new prompt chunks it offers them here (`put`, the ChunkSink
+prefilled. As the engine computes new prompt chunks it offers them here (`put`, the SharedCacheWriter
 contract); they are encoded and written on a background thread, never blocking decode.
 
 Fetching pays only when moving a chunk's bytes is faster than recomputing its tokens: `FetchCost`
@@ -24,8 +24,8 @@ from typing import Literal, Sequence as Seq
 
 from deployments.engine.kv_transfer import KVChunk
 from deployments.engine.sequence import ImageInput, Sequence
-from deployments.kvstore.codec import CorruptChunk, Namespace, decode, encode
-from deployments.kvstore.store import RedisKVStore
+from deployments.shared_cache.codec import CorruptChunk, Namespace, decode, encode
+from deployments.shared_cache.store import RedisKVStore
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class FetchCost:
 
 
 @dataclass
-class TierStats:
+class SharedCacheStats:
     """Counters of this replica (also exported as Ray metrics by the Router)."""
 
     lookups: int = 0
@@ -57,7 +57,7 @@ class TierStats:
     fetch_seconds: list[float] = field(default_factory=list)
 
 
-class RemoteTier:
+class SharedCache:
     def __init__(self, store: RedisKVStore, ns: Namespace, cost: FetchCost, known_capacity: int = 65536,
                  batch_chunks: int = 16):
         self.store = store
@@ -65,7 +65,7 @@ class RemoteTier:
         self.cost = cost
         self.chunk_tokens = ns.layout.chunk_tokens
         self.batch_chunks = batch_chunks
-        self.stats = TierStats()
+        self.stats = SharedCacheStats()
         self._known: OrderedDict[bytes, None] = OrderedDict()  # digests Redis holds (read or written here)
         self._known_capacity = known_capacity
         self._lock = threading.Lock()
@@ -129,7 +129,7 @@ class RemoteTier:
         self.stats.hit_chunks += len(chunks)
         return chunks
 
-    # ---- writes (ChunkSink, called on the engine thread) ----------------------------------------
+    # ---- writes (SharedCacheWriter, called on the engine thread) ----------------------------------------
     def ready(self) -> bool:
         return self.store.can_write()
 
