@@ -1,4 +1,4 @@
-# Herd: `make run` serves the default model, `make test` runs every test.
+# Herd: `make run` serves the default model, `make lint` checks the code, `make test` runs every test.
 # Both install what they need into .venv on a fresh Debian/Ubuntu machine.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -10,7 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps run test test-fast proto clean
+.PHONY: install system-deps run lint test test-fast proto clean
 
 # redis-server: the shared prefix cache (`herd up` starts one; the tests start their own).
 system-deps:
@@ -40,6 +40,13 @@ HELM := .tools/bin/helm
 $(HELM):
 	bash k8s/tools/fetch-helm.sh .tools/bin
 
+# ruff (style, imports, bugs), mypy (model/ and deployments/engine/), import-linter (layers, no
+# cycles); all configured in pyproject.toml, installed by the dev extra.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-logo
+
 test: system-deps $(STAMP) $(HELM)
 	$(PY) -m pytest -q tests
 
@@ -51,4 +58,4 @@ proto: $(STAMP)
 		--grpc_python_out=. proto/herd/v1/herd.proto
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .import_linter_cache
