@@ -35,16 +35,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine_bench import sync, time_engine_decode  # noqa: E402
-
-from deployments.engine.config import EngineConfig  # noqa: E402
-from deployments.engine.engine import Engine  # noqa: E402
-from deployments.engine.experts import ColocatedExperts  # noqa: E402
-from model.checkpoint import load  # noqa: E402
-from model.device import default_dtype  # noqa: E402
-from model.synth import synthesize  # noqa: E402
-from model.tokenizer import Tokenizer  # noqa: E402
-from cluster.launcher import RAY_ENV  # noqa: E402
+from cluster.launcher import RAY_ENV
+from deployments.engine.config import EngineConfig
+from deployments.engine.engine import Engine
+from deployments.engine.experts import ColocatedExperts
+from engine_bench import sync, time_engine_decode
+from model.checkpoint import load
+from model.device import default_dtype
+from model.synth import synthesize
+from model.tokenizer import Tokenizer
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -21,12 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deployments.engine.config import EngineConfig  # noqa: E402
-from deployments.engine.engine import Engine  # noqa: E402
-from deployments.engine.params import SamplingParams  # noqa: E402
-from model.config import TextConfig  # noqa: E402
-from model.device import default_dtype  # noqa: E402
-from model.synth import synthesize  # noqa: E402
+from deployments.engine.config import EngineConfig
+from deployments.engine.engine import Engine
+from deployments.engine.params import SamplingParams
+from model.config import TextConfig
+from model.device import default_dtype
+from model.synth import synthesize
 
 
 def active_weight_bytes(text: TextConfig, bytes_per_param: int) -> tuple[int, int]:
@@ -137,7 +137,8 @@ def run(args, path: Path, text: TextConfig, dtype: torch.dtype) -> None:
     rows.append(("transformers generate, batch 1", hf, f"{nbytes * hf / 1e9:.1f} GB/s weights"))
     pre = time_engine_prefill(engine, [prompt(args.prefill_len) for _ in range(3)], args.device)
     tflops = 2 * params * pre / 1e12
-    rows.append((f"herd prefill, {args.prefill_len} tokens", pre, f"{tflops:.3f} TFLOP/s" + _frac(tflops, args.peak_tflops)))
+    rows.append((f"herd prefill, {args.prefill_len} tokens", pre,
+                 f"{tflops:.3f} TFLOP/s" + _frac(tflops, args.peak_tflops)))
     print(f"\n{args.preset} ({text.num_hidden_layers} layers, {params / 1e6:.1f}M active params, "
           f"{nbytes / 2**20:.0f} MiB read per decode step), {args.device}, {dtype}")
     for name, tps, hw in rows:

@@ -29,18 +29,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deployments.config import RedisConfig  # noqa: E402
-from cluster.launcher import redis_cache_command  # noqa: E402
-from deployments.engine.config import EngineConfig  # noqa: E402
-from deployments.engine.engine import Engine  # noqa: E402
-from deployments.engine.params import SamplingParams  # noqa: E402
-from deployments.engine.kv_transfer import KVChunk  # noqa: E402
-from deployments.shared_cache.codec import decode, encode  # noqa: E402
-from deployments.shared_cache.setup import connect_shared_cache  # noqa: E402
-from model.checkpoint import load  # noqa: E402
-from model.device import default_dtype  # noqa: E402
-from model.synth import synthesize  # noqa: E402
-from model.tokenizer import Tokenizer  # noqa: E402
+from cluster.launcher import redis_cache_command
+from deployments.config import RedisConfig
+from deployments.engine.config import EngineConfig
+from deployments.engine.engine import Engine
+from deployments.engine.kv_transfer import KVChunk
+from deployments.engine.params import SamplingParams
+from deployments.shared_cache.codec import decode, encode
+from deployments.shared_cache.setup import connect_shared_cache
+from model.checkpoint import load
+from model.device import default_dtype
+from model.synth import synthesize
+from model.tokenizer import Tokenizer
 
 
 def start_redis(port: int) -> subprocess.Popen:

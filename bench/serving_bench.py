@@ -107,7 +107,7 @@ class GrpcTarget:
         except self.grpc.aio.AioRpcError as e:
             res.error = f"grpc {e.code().name}: {e.details()}"
             return res
-        except Exception as e:  # noqa: BLE001 -- counted as an error, the run goes on
+        except Exception as e:  # counted as an error, the run goes on
             res.error = _short_error(e)
             return res
         res.latency = time.perf_counter() - start
@@ -169,7 +169,7 @@ class HttpTarget:
                         last = now
                         res.chunks += 1
                         finish = chunk["choices"][0].get("finish_reason") or finish
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             res.error = _short_error(e)
             return res
         res.latency = time.perf_counter() - start
@@ -270,7 +270,7 @@ async def measure(target, args, mode_label: str) -> dict:
     own seed: a prompt seen before would be served from the router service's prefix cache."""
     try:
         model = await target.check()
-    except Exception as e:  # noqa: BLE001 -- one readable line instead of a traceback
+    except Exception as e:  # one readable line instead of a traceback
         raise SystemExit(f"serving_bench: no Herd {target.name} endpoint at {target.where}: {_short_error(e)} "
                          "(start one with `herd up`, or pass --start)") from None
     label = f"{mode_label}/{target.name}"
@@ -441,8 +441,8 @@ def main() -> None:
     start.add_argument("--num-shards", type=int, default=2, help="expert-shard actors in sharded mode (default 2)")
     start.add_argument("--router-replicas", type=int, default=1, help="router-service replicas (default 1)")
     start.add_argument("--router-gpus", type=float,
-                       help="GPUs of all router-service replicas together (default on cuda: 0.9 colocated, 0.5 sharded; "
-                            "the VisionEncoder gets 0.1)")
+                       help="GPUs of all router-service replicas together (default on cuda: 0.9 colocated, "
+                            "0.5 sharded; the VisionEncoder gets 0.1)")
     start.add_argument("--gpus-per-shard", type=float, help="GPUs per expert shard (default on cuda: 0.4 / shards)")
     start.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
                        help="device of the replicas and shards (default cpu; cuda runs bf16)")

@@ -144,8 +144,8 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from deployments.config import HerdConfig
     from cluster.launcher import ensure_checkpoint, up
+    from deployments.config import HerdConfig
 
     if args.config:
         cfg = HerdConfig.from_file(args.config)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except Exception as e:  # noqa: BLE001 -- the CLI's last line of defence: a message, not a trace
+    except Exception as e:  # the CLI's last line of defence: a message, not a trace
         from model.errors import HerdModelError
 
         if isinstance(e, (HerdModelError, ValueError, OSError)) and not args.verbose:

@@ -7,9 +7,9 @@ import logging
 import os
 import shutil
 import signal
-import time
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from deployments.config import HerdConfig, RedisConfig
@@ -56,9 +56,9 @@ def start_ray_head() -> None:
     # which would not fit a 2-core machine otherwise; the engine threads share the real cores.
     num_cpus = max(os.cpu_count() or 1, 8)
     env = {**os.environ, **RAY_ENV}
-    subprocess.run([RAY, "start", "--head", f"--port={RAY_PORT}", f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"], check=True,
-                   capture_output=True, env=env)
+    subprocess.run([RAY, "start", "--head", f"--port={RAY_PORT}", f"--num-cpus={num_cpus}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats"],
+                   check=True, capture_output=True, env=env)
     ray.init(address="auto", namespace="herd", log_to_driver=False)
 
 

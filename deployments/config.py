@@ -21,7 +21,8 @@ class _Frozen(BaseModel):
 
 class ExpertsConfig(_Frozen):
     mode: Literal["colocated", "sharded"] = Field(
-        "colocated", description="colocated: experts run inside each router-service replica; sharded: in ExpertShard actors"
+        "colocated",
+        description="colocated: experts run inside each router-service replica; sharded: in ExpertShard actors",
     )
     num_shards: int = Field(1, ge=1, description="expert-shard actors (sharded mode); experts split evenly")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
@@ -30,7 +31,8 @@ class ExpertsConfig(_Frozen):
     num_cpus_per_shard: float = Field(1.0, ge=0)
     num_gpus_per_shard: float = Field(0.0, ge=0)
     resources_per_shard: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per shard")
-    startup_timeout_s: float = Field(600.0, gt=0, description="how long a router-service replica waits for the shards to load")
+    startup_timeout_s: float = Field(600.0, gt=0,
+                                     description="how long a router-service replica waits for the shards to load")
     kernel: str = Field("reference", description="the routed experts' kernel, a name from model/expert_kernel.py")
 
     @field_validator("kernel")
@@ -129,5 +131,5 @@ class HerdConfig(_Frozen):
         return self.served_model_name or Path(self.model).name
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "HerdConfig":
+    def from_file(cls, path: str | Path) -> HerdConfig:
         return cls.model_validate(yaml.safe_load(Path(path).read_text()))

@@ -61,7 +61,7 @@ def split_experts(num_experts: int, num_shards: int) -> list[range]:
     if num_shards > num_experts:
         raise ValueError(f"{num_shards} shards for {num_experts} experts: at most one shard per expert")
     bounds = [round(i * num_experts / num_shards) for i in range(num_shards + 1)]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -112,11 +112,11 @@ class ExpertPool:
         self.ranges = [(r.start, r.stop) for r in ranges]
 
     def shards_and_ranges(self) -> list[tuple]:
-        return list(zip(self.shards, self.ranges))
+        return list(zip(self.shards, self.ranges, strict=True))
 
 
 def get_or_create_pool(model_path: str, cfg: ExpertsConfig, device: str,
-                       dtype: torch.dtype) -> "ray.actor.ActorHandle":
+                       dtype: torch.dtype) -> ray.actor.ActorHandle:
     """`dtype`: the engine's model dtype; the shards hold their experts in it."""
     return ExpertPool.options(name=POOL_NAME, namespace=NAMESPACE, lifetime="detached",
                               get_if_exists=True).remote(model_path, cfg.model_dump(), device, dtype)
@@ -155,7 +155,7 @@ class ShardedExperts:
                                                          to_wire(scores[rows]))))
         out = torch.zeros_like(x)
         try:
-            for i, rows, ref in calls:
+            for _, rows, ref in calls:
                 out.index_add_(0, rows, from_wire(ray.get(ref, timeout=self.timeout_s), x.dtype, x.device))
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
                 ray.exceptions.ActorUnavailableError) as e:

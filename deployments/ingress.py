@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -21,15 +21,15 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import HerdConfig
 from deployments import openai_api as oai
-from deployments.errors import ModelNotFound, classify
-from deployments.grpc_api import join_outputs, request_from_pb, response_from_output
-from deployments.pb import herd_pb2 as pb
-from deployments.request import GenerationRequest, ImagePart
+from deployments.config import HerdConfig
 from deployments.engine.output import RequestOutput
 from deployments.engine.sequence import ImageInput
+from deployments.errors import ModelNotFound, classify
+from deployments.grpc_api import join_outputs, request_from_pb, response_from_output
 from deployments.logs import route_to_serve_logs
+from deployments.pb import herd_pb2 as pb
+from deployments.request import GenerationRequest, ImagePart
 from model.chat import encode_chat
 from model.config import Llama4Config
 from model.errors import ImageError, InvalidInputError
@@ -103,24 +103,25 @@ class Ingress:
         if self.model_cfg.vision is None:
             raise InvalidInputError("this model takes no images")
         digests = [hashlib.sha256(data).hexdigest() for data in images]
-        results = await asyncio.gather(*[self.vision.embed.remote(d, data) for d, data in zip(digests, images)])
+        results = await asyncio.gather(*[self.vision.embed.remote(d, data)
+                                         for d, data in zip(digests, images, strict=True)])
         per_tile = self.model_cfg.vision.tokens_per_tile
         ids = expand_image_tokens(ids, [ratio for ratio, _ in results], per_tile, self.tokenizer.image_ids)
-        return ids, [ImageInput(embeds, d) for (_, embeds), d in zip(results, digests)]
+        return ids, [ImageInput(embeds, d) for (_, embeds), d in zip(results, digests, strict=True)]
 
     # ---- gRPC --------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context):  # noqa: N802 (gRPC method name)
         try:
             async for delta in self.stream(request_from_pb(request)):
                 yield response_from_output(delta)
-        except Exception as e:  # noqa: BLE001 -- every failure becomes a status code
+        except Exception as e:  # every failure becomes a status code
             _set_grpc_error(grpc_context, e)
             raise
 
     async def GenerateUnary(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:  # noqa: N802
         try:
             return response_from_output(join_outputs([d async for d in self.stream(request_from_pb(request))]))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             _set_grpc_error(grpc_context, e)
             raise
 
@@ -156,7 +157,7 @@ class Ingress:
                 first = await self._first(req)
                 return StreamingResponse(self._sse(req, first, chat, parsed), media_type="text/event-stream")
             deltas = [d async for d in self.stream(req)]
-        except Exception as e:  # noqa: BLE001 -- a 4xx/5xx with a message, never a crash
+        except Exception as e:  # a 4xx/5xx with a message, never a crash
             return _http_error(e)
         build = oai.chat_completion if chat else oai.completion
         return JSONResponse(build(request_id, self.cfg.model_name, deltas))
@@ -180,7 +181,7 @@ class Ingress:
                 delta = await stream.__anext__()
             if getattr(getattr(parsed, "stream_options", None), "include_usage", False):
                 yield oai.sse(oai.usage_chunk(req.request_id, self.cfg.model_name, delta, created, chat))
-        except Exception as e:  # noqa: BLE001 -- the stream ends with an error event, not a hang
+        except Exception as e:  # the stream ends with an error event, not a hang
             err = classify(e)
             yield oai.sse(oai.error_body(err.message, err.type, err.http_status))
         finally:

@@ -15,12 +15,21 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from deployments.openai_schema import (ChatCompletionRequest, ChatMessage, CompletionRequest, ContentPart, ImageURL,
-                                       StreamOptions, decode_data_url, parse_chat_request, parse_completion_request,
-                                       to_generation_request)
 from deployments.engine.output import RequestOutput
+from deployments.openai_schema import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ContentPart,
+    ImageURL,
+    StreamOptions,
+    decode_data_url,
+    parse_chat_request,
+    parse_completion_request,
+    to_generation_request,
+)
 
 __all__ = [
     "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "ContentPart", "ImageURL", "StreamOptions",
@@ -68,7 +77,7 @@ def _scored_tokens(deltas: list[RequestOutput], token_text: TokenText | None) ->
     """(token string, logprob) for every generated token; None when no logprobs were asked for."""
     if all(d.logprobs is None for d in deltas):
         return None
-    return [pair for d in deltas for pair in zip(_token_strings(d, token_text), d.logprobs or [])]
+    return [pair for d in deltas for pair in zip(_token_strings(d, token_text), d.logprobs or [], strict=False)]
 
 
 def _chat_logprobs(deltas: list[RequestOutput], token_text: TokenText | None) -> dict | None:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from typing import AsyncIterator, Sequence
 
 import ray
-import torch
 from ray import serve
 
 from deployments.config import ExpertsConfig, HerdConfig
@@ -20,9 +19,9 @@ from deployments.engine.output import RequestOutput
 from deployments.engine.params import SamplingParams
 from deployments.engine.sequence import ImageInput
 from deployments.expert_shard import ShardedExperts, get_or_create_pool, wait_for_shards
-from deployments.shared_cache.setup import connect_shared_cache
 from deployments.logs import route_to_serve_logs
 from deployments.metrics import RouterServiceMetrics
+from deployments.shared_cache.setup import connect_shared_cache
 from model.checkpoint import load
 from model.device import default_dtype, resolve_device
 from model.tokenizer import Tokenizer
@@ -74,7 +73,8 @@ class RouterService:
         start = last = time.perf_counter()
         status = "error"
         try:
-            chunks, known = await self.shared_cache.lookup(self.engine.engine, prompt_ids, images, cache_salt) if self.shared_cache else ([], 0)
+            chunks, known = (await self.shared_cache.lookup(self.engine.engine, prompt_ids, images, cache_salt)
+                             if self.shared_cache else ([], 0))
             async for out in self.engine.generate(request_id, prompt_ids, params, images=images, cache_salt=cache_salt,
                                                   shared_chunks=chunks, num_shared_chunks=known):
                 now = time.perf_counter()
@@ -102,7 +102,8 @@ class RouterService:
         stats = self.engine.stats()
         if self.shared_cache is not None:
             t, s = self.shared_cache.stats, self.shared_cache.store.stats
-            stats["prefix_cache"] = {"redis_up": not self.shared_cache.store.breaker.is_open, "hit_chunks": t.hit_chunks,
+            stats["prefix_cache"] = {"redis_up": not self.shared_cache.store.breaker.is_open,
+                                     "hit_chunks": t.hit_chunks,
                                      "miss_chunks": t.miss_chunks, "skipped": t.skipped,
                                      "integrity_failures": dict(t.integrity_failures), "bytes_read": s.bytes_read,
                                      "bytes_written": s.bytes_written, "errors": dict(s.errors)}

@@ -9,8 +9,8 @@ import torch
 from ray import serve
 
 from deployments.config import HerdConfig
-from deployments.metrics import VisionMetrics
 from deployments.logs import route_to_serve_logs
+from deployments.metrics import VisionMetrics
 from model.checkpoint import load_vision
 from model.device import default_dtype, resolve_device
 from model.image import ImageLimits, decode_image

@@ -126,7 +126,8 @@ class VisionTower(torch.nn.Module):
         return self.multi_modal_projector(self.vision_model(pixel_values).flatten(0, 1))
 
 
-def load_vision(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VisionTower:
+def load_vision(path: str | Path, *, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> VisionTower:
     """Only the vision tower and projector of a checkpoint (with its image processor); no decoder weight is read."""
     path = Path(path)
     cfg = Llama4Config.from_dir(path)

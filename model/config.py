@@ -168,7 +168,7 @@ class Llama4Config:
 
     # ---- reading -------------------------------------------------------------------------
     @classmethod
-    def from_dir(cls, path: str | Path) -> "Llama4Config":
+    def from_dir(cls, path: str | Path) -> Llama4Config:
         file = Path(path) / "config.json"
         if not file.is_file():
             raise ConfigError(f"{file} not found: a Herd model directory needs a Hugging Face config.json")
@@ -179,7 +179,7 @@ class Llama4Config:
         return cls.from_hf_dict(data)
 
     @classmethod
-    def from_hf_dict(cls, data: dict[str, Any]) -> "Llama4Config":
+    def from_hf_dict(cls, data: dict[str, Any]) -> Llama4Config:
         model_type = data.get("model_type")
         if model_type == "llama4_text":
             return cls(text=_text_from_hf(data))
@@ -234,7 +234,7 @@ class Llama4Config:
         Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / "config.json").write_text(json.dumps(self.to_hf_dict(dtype), indent=2) + "\n")
 
-    def with_text(self, **changes: Any) -> "Llama4Config":
+    def with_text(self, **changes: Any) -> Llama4Config:
         return replace(self, text=replace(self.text, **changes))
 
 

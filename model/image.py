@@ -286,14 +286,14 @@ class ImageProcessor:
         self._std = torch.tensor(self.std, dtype=torch.float32, device="cpu").view(3, 1, 1)
 
     @classmethod
-    def from_config(cls, cfg: ImageProcessorConfig) -> "ImageProcessor":
+    def from_config(cls, cfg: ImageProcessorConfig) -> ImageProcessor:
         """The processor for these settings (already validated)."""
         return cls(cfg.image_size, cfg.max_patches, cfg.image_mean, cfg.image_std, cfg.resize_to_max_canvas,
                    resample=cfg.resample, do_rescale=cfg.do_rescale, rescale_factor=cfg.rescale_factor,
                    do_normalize=cfg.do_normalize)
 
     @classmethod
-    def from_dir(cls, path, vision: VisionConfig) -> "ImageProcessor":
+    def from_dir(cls, path, vision: VisionConfig) -> ImageProcessor:
         """The processor of the checkpoint at `path` (its preprocessor_config.json; defaults with
         tiles of `vision.image_size` when it has none). See `ImageProcessorConfig.from_dir`."""
         return cls.from_config(ImageProcessorConfig.from_dir(path, vision))

@@ -4,7 +4,7 @@ the weights the engine runs and of the checkpoint's image processor, which every
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -56,7 +56,8 @@ class Llama4(nn.Module):
         bad = (ids < 0) | (ids >= vocab)
         if bad.any():
             pos = int(bad.nonzero()[0])
-            raise InvalidInputError(f"token id {int(ids[pos])} at position {pos} is outside the vocabulary [0, {vocab})")
+            raise InvalidInputError(f"token id {int(ids[pos])} at position {pos} is outside the vocabulary "
+                                    f"[0, {vocab})")
         return ids.to(device=self.device, dtype=torch.long)
 
     def preprocess_images(self, images: Sequence) -> torch.Tensor:

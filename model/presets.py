@@ -6,8 +6,8 @@ Token ids are never hard-coded here: they come from the tokenizer the checkpoint
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 from model.config import Llama4Config, RopeScaling, TextConfig, VisionConfig
 from model.errors import ConfigError
@@ -24,14 +24,16 @@ class SpecialIds:
     patch: int
 
     @classmethod
-    def from_tokenizer(cls, tok) -> "SpecialIds":
+    def from_tokenizer(cls, tok) -> SpecialIds:
         """From a `model.tokenizer.Tokenizer` (ids read from its tokenizer.json)."""
         ids = tok.image_ids
-        return cls(tok.vocab_size, tok.bos_id, tuple(tok.stop_ids), tok.pad_id, ids.image_start, ids.image_end, ids.patch)
+        return cls(tok.vocab_size, tok.bos_id, tuple(tok.stop_ids), tok.pad_id, ids.image_start, ids.image_end,
+                   ids.patch)
 
 
 def _text(ids: SpecialIds, **kw) -> TextConfig:
-    return TextConfig(vocab_size=ids.vocab_size, bos_token_id=ids.bos, eos_token_id=ids.stop, pad_token_id=ids.pad, **kw)
+    return TextConfig(vocab_size=ids.vocab_size, bos_token_id=ids.bos, eos_token_id=ids.stop, pad_token_id=ids.pad,
+                      **kw)
 
 
 def _assemble(ids: SpecialIds, text: TextConfig, vision: VisionConfig) -> Llama4Config:

@@ -19,7 +19,7 @@ import json
 import math
 from dataclasses import dataclass
 from enum import IntEnum
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +90,12 @@ class ImageProcessorConfig:
 
     # ---- reading -------------------------------------------------------------------------
     @classmethod
-    def default_for(cls, vision: VisionConfig) -> "ImageProcessorConfig":
+    def default_for(cls, vision: VisionConfig) -> ImageProcessorConfig:
         """The settings of a checkpoint without a processor config: defaults, tiles of the tower's size."""
         return cls(image_size=vision.image_size)
 
     @classmethod
-    def from_dir(cls, path: str | Path, vision: VisionConfig) -> "ImageProcessorConfig":
+    def from_dir(cls, path: str | Path, vision: VisionConfig) -> ImageProcessorConfig:
         """The settings of the checkpoint at `path` for its tower `vision`; ConfigError naming the
         file and the field when a value is wrong or the tile side is not the tower's."""
         found = _read_processor_dict(Path(path))
@@ -110,7 +110,7 @@ class ImageProcessorConfig:
         return cfg
 
     @classmethod
-    def from_hf_dict(cls, data: dict[str, Any]) -> "ImageProcessorConfig":
+    def from_hf_dict(cls, data: dict[str, Any]) -> ImageProcessorConfig:
         """Parse a transformers image processor dict (missing or null fields take the defaults)."""
         if not isinstance(data, dict):
             raise ConfigError(f"the image processor config must be a JSON object, got {type(data).__name__}")
@@ -246,7 +246,7 @@ def _resample(value: Any) -> Resample:
     return code
 
 
-@lru_cache(maxsize=None)
+@cache
 def _torch_interpolates(mode: str) -> bool:
     """Whether this torch resizes uint8 images with `mode` (lanczos is recent)."""
     import torch

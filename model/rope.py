@@ -53,7 +53,8 @@ def vision_freqs_cis(cfg: VisionConfig, device: torch.device | str | None = None
     x = (idx % side + 1).float()
     y = (idx // side + 1).float()
     freq_dim = cfg.hidden_size // cfg.num_attention_heads // 2
-    rope_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, freq_dim, 2, device=device)[: freq_dim // 2].float() / freq_dim))
+    rope_freq = 1.0 / (cfg.rope_theta
+                       ** (torch.arange(0, freq_dim, 2, device=device)[: freq_dim // 2].float() / freq_dim))
     fx = (x[:, None] * rope_freq[None, :]).repeat_interleave(2, dim=-1)  # [P*P, freq_dim]
     fy = (y[:, None] * rope_freq[None, :]).repeat_interleave(2, dim=-1)
     freqs = torch.cat([fx, fy], dim=-1)[..., ::2]  # [P*P, head_dim / 2]

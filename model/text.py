@@ -19,7 +19,6 @@ from model.config import TextConfig
 from model.moe import MLP, Experts, MoE, RoutedExperts
 from model.rope import apply_rotary
 
-
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 """(q `[T, H, D]`, k and v `[T, KV, D]` of the new tokens, scale) -> `[T, H, D]`."""
 
@@ -87,7 +86,8 @@ class Attention(nn.Module):
         """Query scale `[T]`: log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1."""
         return torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor,
+                attend: Attend) -> torch.Tensor:
         q, k, v = self.qkv(x, positions, freqs_cis)
         return self.o_proj(attend(q, k, v, self.scale).flatten(1))
 

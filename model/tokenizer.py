@@ -10,7 +10,6 @@ prompt already starts with `<|begin_of_text|>`.
 from __future__ import annotations
 
 import codecs
-import json
 import operator
 import threading
 from dataclasses import dataclass

@@ -3,8 +3,8 @@ only) and synthetic checkpoints written by `herd synth`."""
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 # Token ids the tiny reference configs use for the image markers (inside their vocabulary).
 TINY_VOCAB = 512

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Sequence
 
 from deployments.engine.engine import Engine
 from deployments.engine.kv_transfer import KVChunk
-from deployments.engine.params import SamplingParams
 from deployments.engine.output import RequestOutput
+from deployments.engine.params import SamplingParams
 from deployments.engine.sequence import ImageInput
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams, *,
                        images: Sequence[ImageInput] = (), cache_salt: str = "",
-                       shared_chunks: Sequence[KVChunk] = (), num_shared_chunks: int = 0) -> AsyncIterator[RequestOutput]:
+                       shared_chunks: Sequence[KVChunk] = (),
+                       num_shared_chunks: int = 0) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the iterator early cancels the request."""
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._run())
@@ -67,7 +68,7 @@ class AsyncEngine:
                 continue
             try:
                 outputs = await self._call(self.engine.step)
-            except Exception as e:  # noqa: BLE001 -- fail the requests in flight, keep serving
+            except Exception as e:  # fail the requests in flight, keep serving
                 await self._fail_all(e)
                 continue
             for out in outputs:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence as Seq
 
 import torch
 
@@ -22,10 +22,10 @@ from deployments.engine.config import EngineConfig
 from deployments.engine.experts import ColocatedExperts, ExpertBackend
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.kv_manager import KVManager
-from deployments.engine.kv_transfer import KVChunk, KVTransfer, SharedCachePort, SharedCacheWriter
 from deployments.engine.kv_sizing import plan_kv_groups
-from deployments.engine.params import SamplingParams
+from deployments.engine.kv_transfer import KVChunk, KVTransfer, SharedCachePort, SharedCacheWriter
 from deployments.engine.output import RequestOutput
+from deployments.engine.params import SamplingParams
 from deployments.engine.request_state import RequestState
 from deployments.engine.runner import ModelRunner
 from deployments.engine.sampler import Sampler
@@ -65,12 +65,14 @@ class Engine:
         groups = plan_kv_groups(model.cfg.text, self.config, model.dtype)
         self.kv = KVManager(groups, self.config.block_size)
         text = model.cfg.text
-        cache = KVCache(groups, self.config.block_size, text.num_key_value_heads, text.head_dim, model.dtype, model.device)
+        cache = KVCache(groups, self.config.block_size, text.num_key_value_heads, text.head_dim, model.dtype,
+                        model.device)
         attention = attention_backend(self.config.attention_backend)(self.kv, model.device)
         self.runner = ModelRunner(model, self.kv, cache, experts or ColocatedExperts(model), attention)
         self.scheduler = Scheduler(self.config, self.kv)
         self.sampler = Sampler()
-        self.max_model_len = min(self.config.max_model_len or text.max_position_embeddings, self.kv.max_tokens_per_seq())
+        self.max_model_len = min(self.config.max_model_len or text.max_position_embeddings,
+                                 self.kv.max_tokens_per_seq())
         self.eos_ids = tuple(text.eos_token_id) or tokenizer.stop_ids
         self._states: dict[str, RequestState] = {}
         self._arrivals = itertools.count()
@@ -80,7 +82,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, *, device: str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "Engine":
+                        dtype: torch.dtype = torch.float32) -> Engine:
         from model.checkpoint import load
 
         return cls(load(path, device=device, dtype=dtype), Tokenizer.from_dir(path), config)
@@ -91,7 +93,8 @@ class Engine:
         in `add_request(shared_chunks=...)` (deployments/shared_cache)."""
         self.shared_cache = SharedCachePort(self.kv, self.runner.cache, writer)
 
-    def prefix_chunks(self, prompt_ids: Seq[int], images: Seq[ImageInput] = (), cache_salt: str = "") -> tuple[list[bytes], int]:
+    def prefix_chunks(self, prompt_ids: Seq[int], images: Seq[ImageInput] = (),
+                      cache_salt: str = "") -> tuple[list[bytes], int]:
         """Digests of a prompt's reusable chunks, and how many leading ones the local cache holds
         (a hint: read without the engine thread). Needs `attach_shared_cache`."""
         if self.shared_cache is None:
@@ -166,7 +169,7 @@ class Engine:
         result = self.sampler.sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
         token_ids = result.token_ids.tolist()
         logprobs = result.logprobs.tolist() if result.logprobs is not None else [None] * len(sampling)
-        return [self._advance(seq, tok, lp) for seq, tok, lp in zip(sampling, token_ids, logprobs)]
+        return [self._advance(seq, tok, lp) for seq, tok, lp in zip(sampling, token_ids, logprobs, strict=True)]
 
     def _advance(self, seq: Sequence, token_id: int, logprob: float | None) -> RequestOutput:
         state = self._states[seq.request_id]
@@ -183,7 +186,7 @@ class Engine:
         params_list = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         ids = [self.tokenizer.encode(p, add_bos=True) if isinstance(p, str) else list(p) for p in prompts]
         rids = [self.add_request(i, p, images=(images[n] if images else ())) for n, (i, p) in
-                enumerate(zip(ids, params_list))]
+                enumerate(zip(ids, params_list, strict=False))]
         done: dict[str, list[RequestOutput]] = {r: [] for r in rids}
         while self.has_unfinished():
             for out in self.step():

@@ -4,7 +4,7 @@ and per-image embeddings (the vision encoder's work when the engine runs alone).
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image
@@ -37,4 +37,4 @@ def prepare_prompt(model: Llama4, tokenizer: Tokenizer, prompt_ids: Sequence[int
     ids = expand_image_tokens(prompt_ids, [p.aspect_ratio for p in processed], per_tile, tokenizer.image_ids)
     embeds = model.encode_images(torch.cat([p.pixel_values for p in processed]))
     rows = [p.num_tiles * per_tile for p in processed]
-    return ids, [ImageInput(e, d) for e, d in zip(embeds.split(rows), digests)]
+    return ids, [ImageInput(e, d) for e, d in zip(embeds.split(rows), digests, strict=True)]

@@ -61,7 +61,8 @@ class KVManager:
         bs = self.block_size
         blocks = self.cached_leading_blocks(seq, (seq.num_tokens - 1) // bs)
         while blocks and not all(
-            self._cached_in([g], seq, b) for g in self.groups for b in range(self._first_needed_block(g, blocks * bs), blocks)
+            self._cached_in([g], seq, b)
+            for g in self.groups for b in range(self._first_needed_block(g, blocks * bs), blocks)
         ):
             blocks -= 1
         for g in self.groups:

@@ -15,8 +15,9 @@ paged cache and chunks); `KVTransfer` is one sequence's traffic through it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence as Seq
+from typing import Protocol
 
 import torch
 
@@ -55,7 +56,8 @@ class ChunkPolicy:
 
     def __post_init__(self) -> None:
         if self.chunk_tokens % self.block_size:
-            raise ValueError(f"chunk_tokens {self.chunk_tokens} must be a multiple of the KV block size {self.block_size}")
+            raise ValueError(f"chunk_tokens {self.chunk_tokens} must be a multiple of the KV block size "
+                             f"{self.block_size}")
 
     @property
     def blocks_per_chunk(self) -> int:

@@ -11,8 +11,8 @@ generator, so its tokens do not depend on what else is in the batch. Only that d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from deployments.engine.config import EngineConfig
 from deployments.engine.kv_manager import KVManager
-from deployments.engine.sequence import Sequence, SeqStatus
+from deployments.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ class Sequence:
     request_id: str
     tokens: list[int]
     num_prompt_tokens: int
-    params: "SamplingParams | None"
+    params: SamplingParams | None
     arrival: int
     patch_token_id: int | None = None
     images: list[ImageInput] = field(default_factory=list)
@@ -54,7 +54,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered: int = 0  # leading full blocks already offered to the prefix cache
     num_preemptions: int = 0
-    transfer: "KVTransfer | None" = None  # traffic with the shared tier, when the engine has one
+    transfer: KVTransfer | None = None  # traffic with the shared tier, when the engine has one
 
     def __post_init__(self) -> None:
         self._patch_image = self._patch_owners()

@@ -38,8 +38,9 @@ import logging
 import random
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Hashable, List, Optional, Sequence
+from typing import Any
 
 from ray.serve.request_router import (
     LocalityMixin,
@@ -171,7 +172,7 @@ class PrefixAffinityRouter(LocalityMixin, RequestRouter):
         self.table = AffinityTable(chunk_tokens, max_prefix_entries, max_sessions)
         self.overload_fraction = overload_fraction
 
-    def request_key(self, pending_request: Optional[PendingRequest]) -> RequestKey | None:
+    def request_key(self, pending_request: PendingRequest | None) -> RequestKey | None:
         """The table key of a `generate` call; None for anything else or for arguments that are not
         a prompt (routing never fails because of what a request carries)."""
         if pending_request is None or pending_request.metadata.call_method != "generate":
@@ -186,8 +187,8 @@ class PrefixAffinityRouter(LocalityMixin, RequestRouter):
         except (TypeError, ValueError, OverflowError):
             return None
 
-    def _power_of_two(self, pending_request: Optional[PendingRequest],
-                      exclude: Optional[ReplicaID] = None) -> List[RunningReplica]:
+    def _power_of_two(self, pending_request: PendingRequest | None,
+                      exclude: ReplicaID | None = None) -> list[RunningReplica]:
         """Two random candidates (locality first, as Serve's default router does), never `exclude`
         unless it is the only one; Serve then takes the one with the shorter queue."""
         ids = [i for i in self.apply_locality_routing(pending_request) if i in self._replicas]
@@ -195,8 +196,8 @@ class PrefixAffinityRouter(LocalityMixin, RequestRouter):
         ids = others or ids
         return [self._replicas[i] for i in random.sample(ids, min(2, len(ids)))]
 
-    async def choose_replicas(self, candidate_replicas: List[RunningReplica],
-                              pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         key = self.request_key(pending_request)
         match = self.table.lookup(key) if key is not None else None
         if match is None:

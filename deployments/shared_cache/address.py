@@ -15,7 +15,7 @@ class RedisAddress:
     tls: bool
 
     @classmethod
-    def parse(cls, url: str) -> "RedisAddress":
+    def parse(cls, url: str) -> RedisAddress:
         u = urlparse(url)
         if u.scheme not in ("redis", "rediss"):
             raise ValueError(f"Redis URL {redact(url)!r} must start with redis:// or rediss://")

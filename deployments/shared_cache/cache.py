@@ -19,8 +19,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Literal, Sequence as Seq
+from typing import Literal
 
 from deployments.engine.kv_transfer import KVChunk
 from deployments.engine.sequence import ImageInput, Sequence
@@ -77,13 +78,14 @@ class SharedCache:
         """Chunks to load after the local prefix, and how many leading chunks Redis is known to hold."""
         try:
             digests, local = await asyncio.to_thread(engine.prefix_chunks, prompt_ids, images, cache_salt)
-        except Exception:  # noqa: BLE001 -- a malformed request: the engine rejects it with a clear error
+        except Exception:  # a malformed request: the engine rejects it with a clear error
             return [], 0
         wanted, chunks = digests[local:], []
         if wanted:
             self.stats.lookups += 1
             start = time.perf_counter()
-            fetched = await self.fetch(wanted, local) if self.cost.worth_fetching(len(wanted) * self.chunk_tokens) else None
+            worth = self.cost.worth_fetching(len(wanted) * self.chunk_tokens)
+            fetched = await self.fetch(wanted, local) if worth else None
             if fetched is None:  # recomputing is faster, or Redis is unavailable
                 self.stats.skipped += 1
             else:
@@ -116,7 +118,7 @@ class SharedCache:
 
     def _decode_run(self, digests: list[bytes], values: list, first_index: int) -> list[KVChunk]:
         chunks = []
-        for n, (digest, value) in enumerate(zip(digests, values)):
+        for n, (digest, value) in enumerate(zip(digests, values, strict=False)):
             if value is None:
                 break
             try:

@@ -53,7 +53,7 @@ class KVLayout:
 
     @classmethod
     def of(cls, groups: list[KVGroup], dtype: torch.dtype, block_size: int, chunk_tokens: int,
-           num_kv_heads: int, head_dim: int) -> "KVLayout":
+           num_kv_heads: int, head_dim: int) -> KVLayout:
         return cls(str(dtype).removeprefix("torch."), block_size, chunk_tokens, num_kv_heads, head_dim,
                    tuple((g.name, tuple(g.layers), g.chunk) for g in groups))
 

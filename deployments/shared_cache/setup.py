@@ -12,9 +12,9 @@ import torch
 from deployments.config import RedisConfig
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
+from deployments.shared_cache.cache import FetchCost, SharedCache
 from deployments.shared_cache.codec import KVLayout, Namespace
 from deployments.shared_cache.store import Breaker, RedisKVStore
-from deployments.shared_cache.cache import FetchCost, SharedCache
 from model.checkpoint import fingerprint
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import redis
 import redis.asyncio as aioredis
@@ -171,7 +171,7 @@ class RedisKVStore:
     async def _guarded_async(self, op: str, fn):
         try:
             result = await asyncio.wait_for(fn(self._async_client()), self.timeout_s * 4)
-        except (redis.RedisError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, redis.RedisError, OSError) as e:
             return self._failed(op, e)
         return self._succeeded(op, result)
 

@@ -71,7 +71,8 @@ def _chat(content, **extra):
 @pytest.mark.parametrize("body, status", [
     (_chat("hi", max_tokens=-1), 400),
     (_chat("hi", model="nope"), 404),
-    (_chat([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"junk").decode()}}]), 400),
+    (_chat([{"type": "image_url",
+             "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"junk").decode()}}]), 400),
     (_chat([{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]), 400),
     ({"messages": "hello"}, 400),
     (_chat("hi", temperature="hot"), 400),

@@ -31,7 +31,8 @@ def cold(checkpoint):
     engine = Engine.from_pretrained(checkpoint, EngineConfig(enable_prefix_caching=False))
 
     def run(ids: list[int]) -> list[int]:
-        return engine.generate([ids], SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))[0].token_ids
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+        return engine.generate([ids], params)[0].token_ids
     return run
 
 
@@ -42,7 +43,8 @@ def document(seed: int, n: int = 120) -> list[int]:
 def ask(served, ids: list[int], tenant: str = "") -> pb.GenerateResponse:
     stub = herd_pb2_grpc.HerdStub(grpc.insecure_channel(served.grpc))
     sampling = pb.SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-    return stub.GenerateUnary(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=ids), sampling=sampling, tenant=tenant), timeout=60)
+    request = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=ids), sampling=sampling, tenant=tenant)
+    return stub.GenerateUnary(request, timeout=60)
 
 
 def wait_for_keys(redis_server, at_least: int, timeout_s: float = 20) -> list[bytes]:

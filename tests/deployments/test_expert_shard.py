@@ -15,8 +15,15 @@ from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.experts import ColocatedExperts
 from deployments.engine.params import SamplingParams
-from deployments.expert_shard import (NAMESPACE, POOL_NAME, ShardedExperts, from_wire, get_or_create_pool, to_wire,
-                                      wait_for_shards)
+from deployments.expert_shard import (
+    NAMESPACE,
+    POOL_NAME,
+    ShardedExperts,
+    from_wire,
+    get_or_create_pool,
+    to_wire,
+    wait_for_shards,
+)
 from model.checkpoint import load
 from model.synth import synthesize
 from model.tokenizer import Tokenizer

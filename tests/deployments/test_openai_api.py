@@ -16,8 +16,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from PIL import Image
 
 from deployments import openai_api as oai
-from deployments.engine.params import SamplingParams
 from deployments.engine.output import RequestOutput
+from deployments.engine.params import SamplingParams
 from deployments.request import ChatTurn, ImagePart
 from model.errors import InvalidInputError
 

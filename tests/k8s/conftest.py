@@ -3,7 +3,6 @@
 import os
 
 import pytest
-
 from helm_chart import CASES, helm_path, render
 
 

@@ -2,8 +2,8 @@
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import yaml
 

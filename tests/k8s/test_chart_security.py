@@ -4,7 +4,6 @@ import base64
 
 import pytest
 import yaml
-
 from helm_chart import CASES, CHART_DIR, PROFILES, by_kind, containers, pod_specs, render, serve_config
 
 PASSWORD = "pw-7f3c9e1d-not-in-any-configmap"

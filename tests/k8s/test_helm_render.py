@@ -2,7 +2,6 @@
 
 import kubernetes_validate
 import pytest
-
 from helm_chart import CASES, CHART_DIR, PROFILES, by_kind, pod_specs, run_helm
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schema shipped.

@@ -5,7 +5,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from helm_chart import CASES, rayservice
 
 CRD_PATH = Path("/work/shared/k8s/ray.io_rayservices.yaml")

@@ -4,7 +4,6 @@ import json
 
 import jsonschema
 import pytest
-
 from helm_chart import CHART_DIR, template
 
 SCHEMA_ERROR = "values don't meet the specifications of the schema"
@@ -14,8 +13,10 @@ WORKER = '{"name": "h100x8", "replicas": 1, "minReplicas": 1, "maxReplicas": 2}'
 # name -> (helm arguments, where the schema error must point)
 BAD_VALUES = {
     "negative router service replicas": (["--set", "routerService.replicas=-1"], "/routerService/replicas"),
-    "negative worker replicas": (["--set-json", "gpuWorkers=[" + WORKER.replace('"replicas": 1', '"replicas": -1') + "]"],
-                                 "/gpuWorkers/0/replicas"),
+    "negative worker replicas": (
+        ["--set-json", "gpuWorkers=[" + WORKER.replace('"replicas": 1', '"replicas": -1') + "]"],
+        "/gpuWorkers/0/replicas",
+    ),
     "unknown experts mode": (["--set", "experts.mode=everywhere"], "/experts/mode"),
     "missing model path": (["--set", "model.path=null"], "missing property 'path'"),
     "relative model path": (["--set", "model.path=models/scout"], "/model/path"),

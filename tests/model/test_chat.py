@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from transformers import AutoTokenizer
 from transformers.models.llama4.processing_llama4 import chat_template as HF_TEMPLATE
 
 from model.chat import count_images, encode_chat, render_chat
-from model.synth_tokenizer import LLAMA4_CHAT_TEMPLATE
 from model.errors import InvalidInputError
-from model.synth_tokenizer import write_synthetic_tokenizer
+from model.synth_tokenizer import LLAMA4_CHAT_TEMPLATE
 
 USER = {"role": "user", "content": "What is a mixture of experts?"}
 SYSTEM = {"role": "system", "content": "  You are a concise assistant.\n"}

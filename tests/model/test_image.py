@@ -26,8 +26,8 @@ from model.errors import ConfigError, ImageError, InvalidInputError
 from model.image import ImageLimits, ImageProcessor, ProcessedImage, _resize_uint8, decode_image, to_rgb
 
 llama4_ip = pytest.importorskip("transformers.models.llama4.image_processing_llama4")
-from transformers.image_transforms import convert_to_rgb as hf_convert_to_rgb  # noqa: E402
 from torchvision.transforms.v2 import functional as tvF  # noqa: E402
+from transformers.image_transforms import convert_to_rgb as hf_convert_to_rgb  # noqa: E402
 
 UINT8_STEP = 2 / 255
 BF16_ROUNDING = 2**-8

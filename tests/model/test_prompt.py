@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import pytest
 from PIL import Image
-from transformers import AutoTokenizer
 from transformers.models.llama4.image_processing_llama4 import Llama4ImageProcessor
 from transformers.models.llama4.processing_llama4 import Llama4Processor
 
 from model.chat import encode_chat
 from model.errors import InvalidInputError
 from model.prompt import count_patch_tokens, expand_image_tokens, image_token_ids
-from model.synth_tokenizer import write_synthetic_tokenizer
-from model.tokenizer import Tokenizer
 
 # (width, height) in pixels: one tile, wide, tall, large multi-row, odd sizes
 IMAGE_SIZES = [(20, 20), (120, 40), (30, 90), (200, 150), (57, 33)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from model.errors import InvalidInputError, TokenizerError
 from model.synth_tokenizer import write_synthetic_tokenizer
@@ -50,7 +50,8 @@ def test_special_ids_are_base_plus_index(tok, hf):
         assert tok.token_id(name) == BASE + i == hf.convert_tokens_to_ids(name)
     assert tok.bos_id == BASE == hf.bos_token_id
     assert tok.pad_id == BASE + LLAMA4_SPECIAL_TOKENS.index("<|finetune_right_pad|>") == hf.pad_token_id
-    assert tok.stop_ids == tuple(BASE + LLAMA4_SPECIAL_TOKENS.index(t) for t in ("<|end_of_text|>", "<|eom|>", "<|eot|>"))
+    stops = ("<|end_of_text|>", "<|eom|>", "<|eot|>")
+    assert tok.stop_ids == tuple(BASE + LLAMA4_SPECIAL_TOKENS.index(t) for t in stops)
     ids = tok.image_ids
     assert (ids.image_start, ids.image, ids.patch) == (BASE + 80, BASE + 90, BASE + 92)
     assert (ids.image_end, ids.tile_x, ids.tile_y) == (BASE + 81, BASE + 84, BASE + 85)

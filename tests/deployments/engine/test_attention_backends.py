@@ -34,26 +34,26 @@ def test_reference_backend_equals_dense_masked_attention(chunk):
     g = torch.Generator().manual_seed(1)
     lengths, starts = [13, 5], [6, 0]  # one sequence decoding a chunk after 6 cached tokens, one prefilling
     seqs = []
-    for n, (length, start) in enumerate(zip(lengths, starts)):
+    for n, (length, start) in enumerate(zip(lengths, starts, strict=True)):
         seq = Sequence(request_id=str(n), tokens=list(range(length + start)), num_prompt_tokens=length + start,
                        params=None, arrival=n, num_computed=start)
         seq.tables["g"] = [31 - 2 * b - n for b in range((length + start + bs - 1) // bs)]  # scattered, disjoint
         seqs.append(seq)
     backend = ReferenceBackend(kv, torch.device("cpu"))
-    chunks = [ScheduledChunk.of(s, length) for s, length in zip(seqs, lengths)]
+    chunks = [ScheduledChunk.of(s, length) for s, length in zip(seqs, lengths, strict=True)]
     layout = backend.layout(group, chunks)
     k_cache = torch.zeros(32, bs, kv_heads, dim)
     v_cache = torch.zeros(32, bs, kv_heads, dim)
     full_k = [torch.randn(s.num_tokens, kv_heads, dim, generator=g) for s in seqs]
     full_v = [torch.randn(s.num_tokens, kv_heads, dim, generator=g) for s in seqs]
-    for s, k, v in zip(seqs, full_k, full_v):  # the whole history in the cache, as after the write
+    for s, k, v in zip(seqs, full_k, full_v, strict=True):  # the whole history in the cache, as after the write
         for p in range(s.num_tokens):
             block = s.tables["g"][p // bs]
             k_cache[block, p % bs], v_cache[block, p % bs] = k[p], v[p]
     q = torch.randn(sum(lengths), heads, dim, generator=g)
     out = backend.forward(q, k_cache, v_cache, layout, scale=0.3)
     row = 0
-    for s, start, length, k, v in zip(seqs, starts, lengths, full_k, full_v):
+    for s, start, length, k, v in zip(seqs, starts, lengths, full_k, full_v, strict=True):
         pos = torch.arange(s.num_tokens)
         mask = pos[None, :] <= pos[:, None]
         if chunk is not None:

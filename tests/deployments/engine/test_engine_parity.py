@@ -10,8 +10,8 @@ from PIL import Image
 
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
-from deployments.engine.params import SamplingParams
 from deployments.engine.inputs import prepare_prompt
+from deployments.engine.params import SamplingParams
 from tests.deployments.engine.conftest import hf_greedy
 
 SMALL_STEPS = EngineConfig(block_size=4, max_num_batched_tokens=16, max_num_seqs=16)

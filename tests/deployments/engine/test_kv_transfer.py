@@ -7,9 +7,9 @@ import torch
 
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
-from deployments.engine.params import SamplingParams
 from deployments.engine.kv_manager import KVGroup
 from deployments.engine.kv_transfer import ChunkPolicy, KVChunk
+from deployments.engine.params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0)
 CHUNK = 16  # tokens per shared chunk; the checkpoint's attention chunk is 8
@@ -104,7 +104,8 @@ def test_windowed_layers_are_stored_only_near_the_prefix_end():
     groups = [KVGroup("full", (3,), None, 8), KVGroup("chunked", (0, 1, 2), 32, 8)]
     policy = ChunkPolicy(chunk_tokens=16, block_size=4)
     # 5 chunks = 80 tokens: the prefix ends in the window [64, 96); chunk 4 starts at 64.
-    assert [[g.name for g in policy.groups_for(groups, j, 5)] for j in range(5)] == [["full"]] * 4 + [["full", "chunked"]]
+    assert ([[g.name for g in policy.groups_for(groups, j, 5)] for j in range(5)]
+            == [["full"]] * 4 + [["full", "chunked"]])
     # a prefix ending on a window boundary needs no windowed KV at all
     assert all([g.name for g in policy.groups_for(groups, j, 4)] == ["full"] for j in range(4))
     with pytest.raises(ValueError, match="multiple of the KV block size"):

@@ -13,7 +13,14 @@ from ray.serve.request_router import PendingRequest, ReplicaID
 
 from cluster.app import _request_router
 from deployments.config import HerdConfig, RoutingConfig
-from deployments.routing.prefix_affinity import AffinityTable, Decision, Match, PrefixAffinityRouter, decide, is_overloaded
+from deployments.routing.prefix_affinity import (
+    AffinityTable,
+    Decision,
+    Match,
+    PrefixAffinityRouter,
+    decide,
+    is_overloaded,
+)
 
 C = 4  # tokens per chunk in these tests
 DOC = list(range(100, 100 + 3 * C))  # three chunks
@@ -129,7 +136,8 @@ class FakeReplica:
 class Harness:
     def __init__(self, n: int, **state):
         self.router = PrefixAffinityRouter(
-            deployment_id=DeploymentID(name="RouterService", app_name="herd"), handle_source=DeploymentHandleSource.REPLICA,
+            deployment_id=DeploymentID(name="RouterService", app_name="herd"),
+            handle_source=DeploymentHandleSource.REPLICA,
             use_replica_queue_len_cache=True)
         self.router.initialize_state(chunk_tokens=C, **state)
         self.replicas = [FakeReplica(f"r{i}") for i in range(n)]

@@ -10,8 +10,8 @@ from deployments.config import RedisConfig
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
-from deployments.shared_cache.setup import connect_shared_cache
 from deployments.shared_cache.cache import FetchCost
+from deployments.shared_cache.setup import connect_shared_cache
 from model.synth import synthesize
 from tests.cluster.conftest import RedisServer
 
