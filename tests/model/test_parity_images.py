@@ -65,7 +65,7 @@ def test_image_logits_match_full_reference_forward(reference, variant):
     kw = {} if variant == "scout" else dict(moe_step=2, num_experts=8, qk_norm=False, llama3_scaling=False)
     ref, ckpt = reference(**kw)
     ours = model.load(ckpt)
-    processor = ImageProcessor.from_vision_config(ours.cfg.vision)
+    processor = ours.image_processor
     images = [_image(w, h, seed=i) for i, (w, h) in enumerate([(150, 60), (30, 120)])]
     ids, tiles = _prompt(images, processor, ours.cfg.vision.tokens_per_tile)
     got = ours.logits(ids, images)
