@@ -118,6 +118,7 @@ class VisionTower(torch.nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_processor = image_processor
+        assert cfg.vision is not None  # load_vision checks it
         self.vision_model = VisionModel(cfg.vision)
         self.multi_modal_projector = Projector(cfg.vision.vision_output_dim, cfg.text.hidden_size)
 
@@ -134,6 +135,7 @@ def load_vision(path: str | Path, *, device: str | torch.device = "cpu",
     if cfg.vision is None:
         raise CheckpointError(f"{path} has no vision_config: it is a text-only checkpoint")
     processor = image_processor(path, cfg)
+    assert processor is not None  # cfg.vision is set
     with torch.device("meta"):
         tower = VisionTower(cfg, processor)
     tower.load_state_dict(_read_state(path, tower, device, dtype, None, False), assign=True, strict=True)
@@ -159,6 +161,7 @@ def load_expert_shard(path: str | Path, experts: range, *, device: str | torch.d
     shard: dict[int, Experts] = {}
     with ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(str(f), "pt")) for f in set(files.values())}
+        assert text.moe_layers is not None  # TextConfig.__post_init__
         for layer in text.moe_layers:
             with torch.device("meta"):
                 module = Experts(text.hidden_size, text.intermediate_size, len(experts), experts.start, expert_kernel)
@@ -203,4 +206,7 @@ def _read_tensor(handle, key: str, shape: tuple[int, ...], experts: range | None
     full = (stored[0],) + shape[1:] if sliced else shape
     if stored != full:
         raise CheckpointError(f"{path}: tensor {key!r} has shape {list(stored)}, the config expects {list(full)}")
-    return view[experts.start : experts.stop] if sliced else view[:]
+    if sliced:
+        assert experts is not None
+        return view[experts.start : experts.stop]
+    return view[:]

@@ -70,6 +70,7 @@ class TextConfig:
         self._validate()
 
     def _validate(self) -> None:
+        assert self.moe_layers is not None and self.no_rope_layers is not None  # filled in by __post_init__
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -92,10 +93,12 @@ class TextConfig:
             raise ConfigError("attention_bias=True is not supported (Llama 4 has no attention bias)")
 
     def is_moe_layer(self, layer: int) -> bool:
+        assert self.moe_layers is not None  # filled in by __post_init__
         return layer in self.moe_layers
 
     def uses_rope(self, layer: int) -> bool:
         """RoPE layers attend within their chunk; NoPE layers see the whole history."""
+        assert self.no_rope_layers is not None  # filled in by __post_init__
         return bool(self.no_rope_layers[layer])
 
     def is_chunked(self, layer: int) -> bool:
@@ -202,6 +205,7 @@ class Llama4Config:
     def to_hf_dict(self, dtype: str = "bfloat16") -> dict[str, Any]:
         """The config.json a Hugging Face Llama 4 checkpoint carries (transformers 4.x and 5.x read
         it); `dtype` names the dtype the weights are stored in."""
+        assert self.text.moe_layers is not None and self.text.no_rope_layers is not None  # TextConfig.__post_init__
         text = asdict(self.text)
         scaling = text.pop("rope_scaling")
         text.update(

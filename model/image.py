@@ -307,10 +307,13 @@ class ImageProcessor:
         height, width = rgb.shape[-2:]
         size, mode = self.image_size, self.config.interpolation
         canvas = _best_fit(height, width, self._resolutions, self.resize_to_max_canvas)
+        target_h: int | torch.Tensor
+        target_w: int | torch.Tensor
         if self.resize_to_max_canvas:
             target_h, target_w = canvas[0], canvas[1]
         else:  # upscale at most to one tile side (python's min keeps the int unless the tensor is smaller)
-            target_h, target_w = min(max(height, size), canvas[0]), min(max(width, size), canvas[1])
+            # typeshed's min() cannot say "one of its int and 0-d tensor arguments"
+            target_h, target_w = min(max(height, size), canvas[0]), min(max(width, size), canvas[1])  # type: ignore[assignment]
         new_h, new_w = _max_res_without_distortion(height, width, target_h, target_w)
         canvas_h, canvas_w = int(canvas[0]), int(canvas[1])
         resized = _resize_uint8(rgb, new_h, new_w, mode=mode)

@@ -85,6 +85,7 @@ class Llama4(nn.Module):
                 "expand each image's placeholder with model.prompt.expand_image_tokens"
             )
         if num_patch:
+            assert image_embeds is not None  # num_embeds == num_patch > 0
             x = x.masked_scatter(patch[:, None], image_embeds.to(x.dtype))
         return x
 
@@ -112,4 +113,5 @@ class Llama4(nn.Module):
 
 def default_image_processor(cfg: Llama4Config) -> ImageProcessor:
     """The processor of a checkpoint without a processor config: defaults, tiles of the tower's size."""
+    assert cfg.vision is not None  # only vision checkpoints have an image processor
     return ImageProcessor.from_config(ImageProcessorConfig.default_for(cfg.vision))

@@ -100,6 +100,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(cfg, layer)
         self.is_moe = cfg.is_moe_layer(layer)
+        self.feed_forward: MoE | MLP
         if self.is_moe:
             ids = range(cfg.num_local_experts) if experts is None else experts
             routed = Experts(cfg.hidden_size, cfg.intermediate_size, len(ids), ids.start, expert_kernel)

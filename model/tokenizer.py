@@ -162,7 +162,9 @@ class Tokenizer:
         (token_id,) = self._check_ids([token_id])
         if token_id in self._added:
             return self._added[token_id].encode("utf-8")
-        return bytes(_BYTE_DECODER[c] for c in self._backend.id_to_token(token_id))
+        token = self._backend.id_to_token(token_id)
+        assert token is not None  # an id in range that is not an added token is in the BPE vocabulary
+        return bytes(_BYTE_DECODER[c] for c in token)
 
     def is_special(self, token_id: int) -> bool:
         """Whether `token_id` is a special token."""

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -166,7 +167,9 @@ class Engine:
         self.scheduler.postprocess(chunks)
         if not sampling:
             return []
-        result = self.sampler.sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        # add_request gives every scheduled sequence its params (only prefix_chunks' probe has none)
+        params = cast("list[SamplingParams]", [s.params for s in sampling])
+        result = self.sampler.sample(logits, params, [s.generator for s in sampling])
         token_ids = result.token_ids.tolist()
         logprobs = result.logprobs.tolist() if result.logprobs is not None else [None] * len(sampling)
         return [self._advance(seq, tok, lp) for seq, tok, lp in zip(sampling, token_ids, logprobs, strict=True)]
@@ -196,6 +199,7 @@ class Engine:
 
 def _completion(request_id: str, outputs: list[RequestOutput]) -> Completion:
     last = outputs[-1]
+    assert last.finish_reason is not None  # generate() runs every request to its end
     logprobs = [lp for o in outputs for lp in (o.logprobs or [])] or None
     return Completion(
         request_id, [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),

@@ -24,4 +24,5 @@ class ColocatedExperts:
         self._layers = model.language_model.model.layers
 
     def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return self._layers[layer].feed_forward.experts(x, expert_ids, scores)
+        # nn.ModuleList items are typed as plain Modules: this layer's feed_forward is a MoE
+        return self._layers[layer].feed_forward.experts(x, expert_ids, scores)  # type: ignore[union-attr, operator]

@@ -33,6 +33,7 @@ def prepare_prompt(model: Llama4, tokenizer: Tokenizer, prompt_ids: Sequence[int
     if len(digests) != len(images):
         raise ValueError("one digest per image is needed")
     processed = [model.image_processor.preprocess(img) for img in images]  # the checkpoint's processor config
+    assert model.cfg.vision is not None  # a model with an image processor has a vision tower
     per_tile = model.cfg.vision.tokens_per_tile
     ids = expand_image_tokens(prompt_ids, [p.aspect_ratio for p in processed], per_tile, tokenizer.image_ids)
     embeds = model.encode_images(torch.cat([p.pixel_values for p in processed]))

@@ -35,6 +35,7 @@ def plan_kv_groups(text: TextConfig, cfg: EngineConfig, dtype: torch.dtype) -> l
     budget = cfg.kv_cache_bytes
     groups = []
     if chunked:
+        assert text.attention_chunk_size is not None  # a layer is chunked only with a chunk size
         per_seq = chunked_blocks_per_seq(text.attention_chunk_size, cfg)
         fit = budget // 2 // block_bytes(len(chunked)) if full else budget // block_bytes(len(chunked))
         n = cfg.num_blocks_chunked or max(per_seq, min(cfg.max_num_seqs * per_seq, fit))

@@ -14,6 +14,7 @@ class RequestState:
         self.seq = seq
         self.max_model_len = max_model_len
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        assert seq.params is not None  # Engine.add_request always sets them
         self.stop = StopChecker(seq.params, eos_ids)
         self.text = ""
         self.emitted = 0

@@ -55,7 +55,8 @@ class ModelRunner:
         return text.lm_head(text.model.norm(x[rows])).float()
 
     def _inputs(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, pos = [], []
+        ids: list[int] = []
+        pos: list[int] = []
         for c in chunks:
             ids.extend(c.seq.tokens[c.start : c.start + c.num_tokens])
             pos.extend(range(c.start, c.start + c.num_tokens))
@@ -71,6 +72,7 @@ class ModelRunner:
             image_rows = c.seq.image_rows(start, start + c.num_tokens)
             if image_rows is not None:
                 prompt_end = min(c.num_tokens, c.seq.num_prompt_tokens - start)
+                assert c.seq.patch_token_id is not None  # a prompt with image rows has <|patch|> tokens
                 local = (ids[row : row + prompt_end] == c.seq.patch_token_id).nonzero().squeeze(1) + row
                 x[local] = image_rows.to(device=x.device, dtype=x.dtype)
             row += c.num_tokens

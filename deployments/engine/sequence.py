@@ -81,8 +81,8 @@ class Sequence:
         if not self.images:
             return owners
         bounds, total = [], 0
-        for img in self.images:
-            total += img.embeds.shape[0]
+        for image in self.images:
+            total += image.embeds.shape[0]
             bounds.append(total)
         k, img = 0, 0
         for pos, tok in enumerate(self.tokens[: self.num_prompt_tokens]):

@@ -38,7 +38,9 @@ class ReferenceBackend:
 
     def layout(self, group: KVGroup, chunks: list[ScheduledChunk]) -> BatchLayout:
         bs = self.kv.block_size
-        seqs, slots, row = [], [], 0
+        seqs: list[SeqSlice] = []
+        slots: list[int] = []
+        row = 0
         for c in chunks:
             start, table = c.start, c.seq.tables[group.name]
             window = self.kv.window_start(group, start)
