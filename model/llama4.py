@@ -76,7 +76,10 @@ class Llama4(nn.Module):
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings `[T, hidden]`, with `image_embeds` rows replacing the `<|patch|>` positions in order."""
         x = self.language_model.model.embed_tokens(input_ids)
-        patch = input_ids == self.cfg.image_token_index
+        if self.cfg.image_token_index is None:  # a text-only (llama4_text) checkpoint: no <|patch|> token
+            patch = torch.zeros_like(input_ids, dtype=torch.bool)
+        else:
+            patch = input_ids == self.cfg.image_token_index
         num_patch = int(patch.sum())
         num_embeds = 0 if image_embeds is None else image_embeds.shape[0]
         if num_patch != num_embeds:
