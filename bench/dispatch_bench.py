@@ -44,14 +44,7 @@ from model.checkpoint import load
 from model.device import default_dtype
 from model.synth import synthesize
 from model.tokenizer import Tokenizer
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+from stats import percentile
 
 
 def start_shards(path: Path, args, dtype: torch.dtype) -> list[tuple]:

@@ -35,6 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stats import percentile
 
 GRPC_SERVICERS = [
     "deployments.pb.herd_pb2_grpc.add_HerdServicer_to_server",
@@ -226,17 +229,6 @@ async def drive(target, prompts: list[list[int]], max_tokens: int, concurrency: 
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts)))))
     return results, time.perf_counter() - start  # type: ignore[return-value]
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile (as numpy's default); None for no values."""
-    if not values:
-        return None
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def summarize(results: list[RequestResult], wall: float) -> dict:
