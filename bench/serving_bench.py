@@ -298,24 +298,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _kill_expert_pool() -> None:
-    import ray
-
-    from deployments.expert_shard import NAMESPACE, POOL_NAME
-
-    try:
-        ray.kill(ray.get_actor(POOL_NAME, namespace=NAMESPACE))
-    except ValueError:
-        pass
-
-
 def deploy(model_dir: Path, mode: str, args) -> None:
     from ray import serve
 
     from cluster.app import build_app
     from deployments.config import HerdConfig
+    from deployments.expert_shard import kill_pool
 
-    _kill_expert_pool()
+    kill_pool()
     sharded = mode == "sharded"
     gpu = args.device != "cpu"  # one GPU shared through fractional requests, as values-single-gpu.yaml
     vision_gpus = 0.1 if gpu else 0.0
@@ -353,6 +343,7 @@ def run_started(args) -> tuple[dict[str, dict], str]:
         about = (f"{args.preset if not args.model else model_dir.name} ({text.num_hidden_layers} layers, "
                  f"hidden {text.hidden_size}, {text.num_local_experts} experts)")
         from cluster.launcher import RAY_ENV
+        from deployments.expert_shard import kill_pool
 
         os.environ.update(RAY_ENV)  # the Ray settings `herd up` and the chart use
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, namespace="herd-serving-bench",
@@ -368,7 +359,7 @@ def run_started(args) -> tuple[dict[str, dict], str]:
                 results |= asyncio.run(run_targets(args, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}",
                                                    label))
                 serve.delete("herd")
-                _kill_expert_pool()
+                kill_pool()
         finally:
             serve.shutdown()
             ray.shutdown()

@@ -146,12 +146,12 @@ def down() -> None:
     import ray
     from ray import serve
 
-    from deployments.expert_shard import NAMESPACE, POOL_NAME
+    from deployments.expert_shard import kill_pool
 
     try:
         ray.init(address="auto", namespace="herd", log_to_driver=False)
         serve.shutdown()
-        ray.kill(ray.get_actor(POOL_NAME, namespace=NAMESPACE))
+        kill_pool()
     except (ConnectionError, ValueError):
         pass
     subprocess.run([RAY, "stop", "--force"], check=False, capture_output=True)

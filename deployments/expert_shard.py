@@ -15,7 +15,7 @@ import time
 import numpy as np
 import ray
 import torch
-from ray.util.placement_group import placement_group
+from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.config import ExpertsConfig
@@ -114,12 +114,38 @@ class ExpertPool:
     def shards_and_ranges(self) -> list[tuple]:
         return list(zip(self.shards, self.ranges, strict=True))
 
+    def get_placement_group(self):
+        return self.pg
+
 
 def get_or_create_pool(model_path: str, cfg: ExpertsConfig, device: str,
                        dtype: torch.dtype) -> ray.actor.ActorHandle:
     """`dtype`: the engine's model dtype; the shards hold their experts in it."""
     return ExpertPool.options(name=POOL_NAME, namespace=NAMESPACE, lifetime="detached",
                               get_if_exists=True).remote(model_path, cfg.model_dump(), device, dtype)
+
+
+def kill_pool(timeout_s: float = 5.0) -> bool:
+    """Kill the named `ExpertPool` of the connected Ray cluster and what it made: when the pool
+    answers within `timeout_s`, its shards (no restart) and its placement group; then the pool actor
+    itself. False if there is no pool (nothing to do). A pool that does not answer (dead, or still
+    waiting for its placement group) is killed all the same; Ray removes what it owns after it."""
+    try:
+        pool = ray.get_actor(POOL_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return False
+    shards, pg = [], None
+    try:
+        shards = ray.get(pool.shards_and_ranges.remote(), timeout=timeout_s)
+        pg = ray.get(pool.get_placement_group.remote(), timeout=timeout_s)
+    except (ray.exceptions.RayError, AttributeError):  # AttributeError: a pool made by an older Herd
+        pass
+    for handle, _ in shards:
+        ray.kill(handle, no_restart=True)
+    if pg is not None:
+        remove_placement_group(pg)
+    ray.kill(pool)
+    return True
 
 
 def wait_for_shards(pool, timeout_s: float) -> list[tuple]:

@@ -54,20 +54,10 @@ class Served:
         from ray import serve
 
         from cluster.app import build_app
+        from deployments.expert_shard import kill_pool
 
-        _kill_expert_pool()
+        kill_pool()
         serve.run(build_app({"model": str(self.model_dir), **config}), name="herd", route_prefix="/")
-
-
-def _kill_expert_pool() -> None:
-    import ray
-
-    from deployments.expert_shard import NAMESPACE, POOL_NAME
-
-    try:
-        ray.kill(ray.get_actor(POOL_NAME, namespace=NAMESPACE))
-    except ValueError:
-        pass
 
 
 def start_serve(http_port: int, grpc_port: int) -> None:

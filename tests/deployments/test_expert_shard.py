@@ -21,6 +21,7 @@ from deployments.expert_shard import (
     ShardedExperts,
     from_wire,
     get_or_create_pool,
+    kill_pool,
     to_wire,
     wait_for_shards,
 )
@@ -54,10 +55,7 @@ def shards(checkpoint):
         cfg = ExpertsConfig(mode="sharded", num_shards=2, num_cpus_per_shard=1)
         yield wait_for_shards(get_or_create_pool(str(checkpoint), cfg, "cpu", DTYPE), timeout_s=300)
     finally:
-        try:
-            ray.kill(ray.get_actor(POOL_NAME, namespace=NAMESPACE))
-        except ValueError:
-            pass
+        kill_pool()
         ray.shutdown()
 
 
@@ -99,3 +97,20 @@ def test_sharded_bf16_greedy_equals_colocated(shards, checkpoint):
     want = [c.token_ids for c in colocated.generate(prompts, params)]
     got = [c.token_ids for c in sharded.generate(prompts, params)]
     assert got == want
+
+
+def test_kill_pool_kills_shards_placement_group_and_pool(shards):
+    """Last in this module: it kills the pool the `shards` fixture made (its teardown then finds none)."""
+    import ray
+    from ray.util import placement_group_table
+
+    pool = ray.get_actor(POOL_NAME, namespace=NAMESPACE)
+    pg = ray.get(pool.get_placement_group.remote())
+    assert kill_pool() is True
+    with pytest.raises(ValueError):
+        ray.get_actor(POOL_NAME, namespace=NAMESPACE)
+    for handle, _ in shards:  # killed with no restart
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(handle.info.remote(), timeout=60)
+    assert placement_group_table(pg)["state"] == "REMOVED"
+    assert kill_pool() is False  # no pool: nothing to do
