@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from deployments.engine.params import SamplingParams
+from deployments.engine.validation import describe_validation_error
 from deployments.request import ChatTurn, GenerationRequest, ImagePart
 from model.errors import InvalidInputError
 
@@ -256,24 +257,7 @@ def _parse(model: type[BaseModel], body: Any) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        raise InvalidInputError(f"invalid request: {describe(e)}") from None
-
-
-def describe(error: ValidationError) -> str:
-    """One readable line per problem: `field.path (got value): message`."""
-    problems = []
-    for err in error.errors(include_url=False):
-        where = ".".join(map(str, err["loc"]))
-        message = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            problems.append(f"{where}: field required")
-        elif where:
-            got = repr(err["input"])
-            got = got if len(got) <= 40 else got[:37] + "..."
-            problems.append(f"{where} (got {got}): {message}")
-        else:
-            problems.append(message)
-    return "; ".join(problems)
+        raise InvalidInputError(f"invalid request: {describe_validation_error(e)}") from None
 
 
 def to_generation_request(req: ChatCompletionRequest | CompletionRequest, *, request_id: str,

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from deployments.engine.validation import describe_validation_error
 from model.errors import InvalidInputError
 
 MAX_STOP_STRINGS = 16
@@ -71,21 +72,9 @@ class SamplingParams(BaseModel):
         try:
             return cls(**kwargs)
         except ValidationError as e:
-            raise InvalidInputError(f"invalid sampling parameters: {_describe(e)}") from None
+            raise InvalidInputError(f"invalid sampling parameters: {describe_validation_error(e)}") from None
 
     @property
     def is_greedy(self) -> bool:
         """True when the sampler takes the argmax (temperature 0, or too small to divide by)."""
         return self.temperature < GREEDY_TEMPERATURE
-
-
-def _describe(error: ValidationError) -> str:
-    """One readable line per problem: `field (got value): message`."""
-    problems = []
-    for err in error.errors():
-        field = ".".join(map(str, err["loc"])) or "sampling"
-        got = repr(err["input"])
-        got = got if len(got) <= 40 else got[:37] + "..."
-        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        problems.append(f"{field} (got {got}): {message}")
-    return "; ".join(problems)

@@ -1,0 +1,30 @@
+"""Pydantic validation errors as one line for the client (the message of an InvalidInputError,
+which the front ends answer with HTTP 400 / INVALID_ARGUMENT). Here, in the engine package, because
+both `SamplingParams.create` and the OpenAI schema (deployments/openai_schema.py) use it and the
+engine imports nothing from deployments/ outside it."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+MAX_INPUT_REPR = 40  # longer inputs are cut to 37 characters + "..."
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One readable part per problem, joined by "; ": `field.path (got value): message`;
+    `field.path: field required` for a missing field, `unknown field` as the message for one that is
+    forbidden (extra="forbid"), the message alone for a problem with the whole object."""
+    problems = []
+    for err in error.errors(include_url=False):
+        where = ".".join(map(str, err["loc"]))
+        if err["type"] == "missing":
+            problems.append(f"{where}: field required")
+            continue
+        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        if where:
+            got = repr(err["input"])
+            got = got if len(got) <= MAX_INPUT_REPR else got[:MAX_INPUT_REPR - 3] + "..."
+            problems.append(f"{where} (got {got}): {message}")
+        else:
+            problems.append(message)
+    return "; ".join(problems)
