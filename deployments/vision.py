@@ -3,13 +3,12 @@ concurrent requests with `@serve.batch`, with an LRU cache of embeddings by imag
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 from ray import serve
 
 from deployments.config import HerdConfig
 from deployments.logs import route_to_serve_logs
+from deployments.lru import LRUCache
 from deployments.metrics import VisionMetrics
 from model.checkpoint import load_vision
 from model.device import default_dtype, resolve_device
@@ -26,24 +25,20 @@ class VisionEncoder:
         self.tower = load_vision(cfg.model, device=self.device, dtype=dtype)
         self.processor = self.tower.image_processor  # from the checkpoint's preprocessor_config.json
         self.limits = ImageLimits(max_bytes=cfg.limits.max_image_bytes, max_pixels=cfg.limits.max_image_pixels)
-        self.cache: OrderedDict[str, tuple] = OrderedDict()
-        self.cache_size = cfg.vision.cache_size
+        self.cache: LRUCache[str, tuple] = LRUCache(cfg.vision.cache_size)  # 0: no cache
         self.metrics = VisionMetrics()
         self.encode_batch.set_max_batch_size(cfg.vision.max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(cfg.vision.batch_wait_timeout_s)
 
     async def embed(self, digest: str, data: bytes) -> tuple[tuple[int, int], torch.Tensor]:
         """(aspect ratio in tiles, embeddings `[num_patch_tokens, hidden]` on the CPU)."""
-        if digest in self.cache:
-            self.cache.move_to_end(digest)
+        cached = self.cache.get(digest)
+        if cached is not None:
             self.metrics.cache_hits.inc()
-            return self.cache[digest]
+            return cached
         processed = self.processor.preprocess(decode_image(data, self.limits))
         result = (processed.aspect_ratio, await self.encode_batch(processed.pixel_values))
-        if self.cache_size:
-            self.cache[digest] = result
-            while len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
+        self.cache.put(digest, result)
         return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)

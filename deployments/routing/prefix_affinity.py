@@ -37,7 +37,6 @@ import hashlib
 import logging
 import random
 from array import array
-from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +48,8 @@ from ray.serve.request_router import (
     RequestRouter,
     RunningReplica,
 )
+
+from deployments.lru import LRUCache
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,8 @@ class AffinityTable:
         self.chunk_tokens = chunk_tokens
         self.max_prefix_entries = max_prefix_entries
         self.max_sessions = max_sessions
-        self._prefix: OrderedDict[bytes, Hashable] = OrderedDict()
-        self._sessions: OrderedDict[tuple[str, str], Hashable] = OrderedDict()
+        self._prefix: LRUCache[bytes, Hashable] = LRUCache(max_prefix_entries)
+        self._sessions: LRUCache[tuple[str, str], Hashable] = LRUCache(max_sessions)
 
     def __len__(self) -> int:
         return len(self._prefix)
@@ -109,10 +110,10 @@ class AffinityTable:
 
     def lookup(self, key: RequestKey) -> Match | None:
         """The session's replica, else the replica that served the longest matching chunk run."""
-        if key.session is not None and key.session in self._sessions:
-            return Match(self._sessions[key.session], "session", 0)
+        if key.session is not None and key.session in self._sessions:  # a lookup does not refresh recency
+            return Match(self._sessions.peek(key.session), "session", 0)
         for i in range(len(key.chunks) - 1, -1, -1):
-            replica = self._prefix.get(key.chunks[i])
+            replica = self._prefix.peek(key.chunks[i])
             if replica is not None:
                 return Match(replica, "prefix", i + 1)
         return None
@@ -122,15 +123,9 @@ class AffinityTable:
         Chunks go in from the last to the first, so that the leading ones (shared by the most
         requests) are the most recently used and the last to be evicted."""
         for h in reversed(key.chunks):
-            self._prefix[h] = replica
-            self._prefix.move_to_end(h)
-        while len(self._prefix) > self.max_prefix_entries:
-            self._prefix.popitem(last=False)
+            self._prefix.put(h, replica)
         if key.session is not None:
-            self._sessions[key.session] = replica
-            self._sessions.move_to_end(key.session)
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
+            self._sessions.put(key.session, replica)
 
 
 def is_overloaded(queue_len: int | None, max_ongoing: int, overload_fraction: float) -> bool:

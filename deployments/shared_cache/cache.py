@@ -18,13 +18,13 @@ import asyncio
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Literal
 
 from deployments.engine.kv_transfer import KVChunk
 from deployments.engine.sequence import ImageInput, Sequence
+from deployments.lru import LRUCache
 from deployments.shared_cache.codec import CorruptChunk, Namespace, decode, encode
 from deployments.shared_cache.store import RedisKVStore
 
@@ -67,8 +67,7 @@ class SharedCache:
         self.chunk_tokens = ns.layout.chunk_tokens
         self.batch_chunks = batch_chunks
         self.stats = SharedCacheStats()
-        self._known: OrderedDict[bytes, None] = OrderedDict()  # digests Redis holds (read or written here)
-        self._known_capacity = known_capacity
+        self._known: LRUCache[bytes, None] = LRUCache(known_capacity)  # digests Redis holds (read or written here)
         self._lock = threading.Lock()
         store.listeners.append(lambda up: self.forget_known() if up else None)  # a restarted Redis may be empty
 
@@ -145,10 +144,7 @@ class SharedCache:
     # ---- what Redis is known to hold ---------------------------------------------------------
     def _remember(self, digest: bytes) -> None:
         with self._lock:
-            self._known[digest] = None
-            self._known.move_to_end(digest)
-            while len(self._known) > self._known_capacity:
-                self._known.popitem(last=False)
+            self._known.put(digest, None)
 
     def forget_known(self) -> None:
         with self._lock:
