@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from deployments.config import HerdConfig, RedisConfig
-from deployments.shared_cache.address import redact
+from deployments.redis_address import redact
 
 log = logging.getLogger(__name__)
 RAY_PORT = 6390  # not 6379: that is Redis's

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.engine.config import EngineConfig
+from deployments.redis_address import RedisAddress
 from deployments.routing.registry import REQUEST_ROUTERS
 from model.expert_kernel import expert_kernel
 
@@ -81,8 +82,6 @@ class RedisConfig(_Frozen):
     @field_validator("url")
     @classmethod
     def _url_is_redis(cls, url: str) -> str:
-        from deployments.shared_cache.address import RedisAddress
-
         RedisAddress.parse(url)  # scheme, no credentials
         return url
 

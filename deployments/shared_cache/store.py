@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from deployments.shared_cache.address import RedisAddress, redact
+from deployments.redis_address import RedisAddress, redact
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from deployments.shared_cache.address import RedisAddress, redact
+from deployments.redis_address import RedisAddress, redact
 from deployments.shared_cache.store import Breaker, RedisKVStore
 from tests.cluster.conftest import RedisServer
 
