@@ -20,7 +20,9 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         help="write a synthetic Llama 4 checkpoint in the Hugging Face layout",
         description="Write random weights of a named model shape, with config.json, tokenizer.json "
         "(byte-level BPE + every Llama 4 special token) and safetensors shards, exactly as a "
-        "Hugging Face Llama 4 checkpoint is laid out. Deterministic for a seed.",
+        "Hugging Face Llama 4 checkpoint is laid out. Deterministic for a seed. With --config-only no "
+        "weights are written: enough for `herd plan`, e.g. "
+        "`herd synth --preset maverick --config-only --out ckpt/maverick-config`.",
     )
     p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="model shape")
     p.add_argument("--out", required=True, help="directory to write (created if missing)")
@@ -30,6 +32,10 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype (default bfloat16)")
     p.add_argument("--device", default="cpu", help="where to generate the weights, e.g. cuda (default cpu)")
     p.add_argument("--max-shard-gib", type=float, default=4.0, help="split weights into shards of at most this size")
+    p.add_argument("--config-only", action="store_true",
+                   help="write config.json, generation_config.json, the tokenizer and preprocessor files but no "
+                        "weights (removes any already there); scout and maverick then default to their real "
+                        "vocabulary of 202048 rows")
     p.set_defaults(func=_synth)
 
 
@@ -41,10 +47,11 @@ def _synth(args: argparse.Namespace) -> int:
     cfg = synthesize(
         args.out, args.preset, seed=args.seed, num_layers=args.num_layers, vocab_size=args.vocab_size,
         dtype=getattr(torch, args.dtype), device=args.device, max_shard_bytes=int(args.max_shard_gib * 2**30),
-        progress=True,
+        progress=True, config_only=args.config_only,
     )
     t = cfg.text
-    print(f"wrote {args.preset} to {args.out}: {t.num_hidden_layers} layers, hidden {t.hidden_size}, "
+    what = f"the {args.preset} config (no weights)" if args.config_only else args.preset
+    print(f"wrote {what} to {args.out}: {t.num_hidden_layers} layers, hidden {t.hidden_size}, "
           f"{t.num_local_experts} experts, vocab {t.vocab_size}")
     return 0
 

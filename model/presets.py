@@ -100,6 +100,10 @@ def small_scout(ids: SpecialIds) -> Llama4Config:
     return _assemble(ids, text, _tiny_vision(hidden=64, image_size=112, out=256))
 
 
+# Rows of the released checkpoints' embedding and lm_head (their tokenizer's 200000 text tokens + 2048
+# special tokens). `synthesize(config_only=True)` pads a real preset to it by default.
+REAL_VOCAB_SIZES = {"scout": 202048, "maverick": 202048}
+
 PRESETS: dict[str, Callable[[SpecialIds], Llama4Config]] = {
     "scout": scout,
     "maverick": maverick,

@@ -1,6 +1,8 @@
 """Synthetic checkpoints in the exact Hugging Face Llama 4 layout (config.json, safetensors shards
 with an index, tokenizer.json + tokenizer_config.json, generation_config.json, and for a vision
 model preprocessor_config.json: the default processor with tiles of the tower's image_size).
+`config_only` writes all of that but the weights: enough to size a deployment (`herd plan`),
+not to serve it.
 
 Weights are random but well-conditioned: projections scaled by 1/sqrt(fan_in) so activations stay
 O(1) and a random model still has distinct logits and decisive routing (greedy decoding is stable
@@ -21,7 +23,7 @@ from tqdm import tqdm
 from model.checkpoint import INDEX_FILE, SINGLE_FILE
 from model.config import Llama4Config
 from model.llama4 import Llama4
-from model.presets import SpecialIds, preset
+from model.presets import REAL_VOCAB_SIZES, SpecialIds, preset
 from model.processor_config import ImageProcessorConfig
 from model.synth_tokenizer import write_synthetic_tokenizer
 
@@ -39,15 +41,22 @@ def synthesize(
     device: str | torch.device = "cpu",
     max_shard_bytes: int = 4 * 2**30,
     progress: bool | None = None,
+    config_only: bool = False,
 ) -> Llama4Config:
     """Write a synthetic checkpoint of preset `preset_name` to `out` and return its config.
 
     `vocab_size` pads the embedding beyond the tokenizer (as real checkpoints do); `num_layers`
-    shortens the decoder; `max_shard_bytes` splits the weights into shards with an index."""
+    shortens the decoder; `max_shard_bytes` splits the weights into shards with an index.
+    `config_only`: every file but the weights (any weights already in `out` are removed, so the
+    directory never pairs this config with another model's tensors); there `vocab_size` defaults to
+    the real vocabulary of a real preset (`REAL_VOCAB_SIZES`: Scout and Maverick have 202048 rows),
+    so the config sizes like the released checkpoint."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = write_synthetic_tokenizer(out, seed=seed)
     ids = SpecialIds.from_tokenizer(tok)
+    if config_only and vocab_size is None:
+        vocab_size = REAL_VOCAB_SIZES.get(preset_name)
     if vocab_size is not None:
         if vocab_size < ids.vocab_size:
             raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {ids.vocab_size}")
@@ -57,6 +66,10 @@ def synthesize(
     _write_generation_config(out, cfg)
     if cfg.vision is not None:
         ImageProcessorConfig.default_for(cfg.vision).save(out)
+    if config_only:
+        _remove_weights(out)
+        log.info("wrote the %s config (no weights) to %s", preset_name, out)
+        return cfg
     num_text = min(ids.bos, ids.vocab_size)  # the special tokens follow the text tokens
     _write_weights(out, cfg, seed, dtype, torch.device(device), max_shard_bytes, progress, num_text)
     log.info("wrote synthetic %s checkpoint to %s", preset_name, out)
@@ -121,10 +134,14 @@ def _write_weights(out, cfg, seed, dtype, device, max_shard_bytes, progress, num
     _name_shards(out, files, total)
 
 
-def _name_shards(out: Path, files: list[tuple[Path, list[str]]], total: int) -> None:
-    """Give the shards their Hugging Face names; several shards get an index file."""
+def _remove_weights(out: Path) -> None:
     for stale in [*out.glob("model*.safetensors"), out / INDEX_FILE]:
         stale.unlink(missing_ok=True)
+
+
+def _name_shards(out: Path, files: list[tuple[Path, list[str]]], total: int) -> None:
+    """Give the shards their Hugging Face names; several shards get an index file."""
+    _remove_weights(out)
     if len(files) == 1:
         files[0][0].rename(out / SINGLE_FILE)
         return

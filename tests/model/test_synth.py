@@ -83,3 +83,14 @@ def test_unknown_preset_is_a_clear_error(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["synth", "--preset", "nope", "--out", str(tmp_path)])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_config_only_writes_no_weights_and_the_real_vocabulary(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"stale")  # another model's weights must not stay beside it
+    assert main(["synth", "--preset", "maverick", "--config-only", "--out", str(tmp_path)]) == 0
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "preprocessor_config.json"} <= files
+    assert not any(name.endswith(".safetensors") or name.endswith(".index.json") for name in files)
+    cfg = model.Llama4Config.from_dir(tmp_path)
+    assert cfg.text.vocab_size == 202048 and cfg.text.num_local_experts == 128
+    assert Tokenizer.from_dir(tmp_path).vocab_size < cfg.text.vocab_size  # padded, as the released checkpoint is
