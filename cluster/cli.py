@@ -128,6 +128,52 @@ def _generate_remote(args: argparse.Namespace):
     return SimpleNamespace(token_ids=token_ids, text="".join(text), finish_reason=reason)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from cluster.plan import DEFAULT_HEADROOM, DTYPES
+
+    p = sub.add_parser(
+        "plan",
+        help="size a deployment: parameters, GPU memory, expert shards, KV capacity",
+        description="From a checkpoint's config.json alone (no weights), size what serving it takes: the "
+        "attention/dense part, routed experts and vision tower in bytes; total and active (per token) "
+        "parameters; the expert shards (one GPU each) and router-service replicas (one GPU each, holding the "
+        "dense part, the vision tower and their KV cache); KV bytes per token and tokens per replica; whether it "
+        "fits the GPUs, and what to change when not. Weights are sized in the config's torch_dtype (bf16 when "
+        "absent); quantized checkpoints are out of scope. Exit status: 0 fits, 1 does not (each warning says "
+        "what to change), 2 bad input. Example: "
+        "`herd synth --preset scout --config-only --out ckpt/scout && "
+        "herd plan --model ckpt/scout --gpus 8 --gpu-memory 80`.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (only config.json is read)")
+    p.add_argument("--gpus", required=True, type=int, metavar="N", help="GPUs available")
+    p.add_argument("--gpu-memory", required=True, type=float, metavar="GiB", help="memory of one GPU in GiB, e.g. 80")
+    p.add_argument("--kv-dtype", choices=list(DTYPES), default="bf16",
+                   help="KV cache dtype (default bf16; the engine keeps KV in the model dtype, others are what-ifs)")
+    p.add_argument("--replicas", type=int, default=1, metavar="R", help="router-service replicas (default 1)")
+    p.add_argument("--expert-shards", type=int, metavar="S",
+                   help="expert shards to check (0 = experts colocated in each replica; default: the fewest that fit)")
+    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM, metavar="FRACTION",
+                   help=f"fraction of each GPU kept free for activations (default {DEFAULT_HEADROOM})")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=_plan)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from cluster.plan import format_plan, make_plan, read_weight_dtype
+    from model.config import Llama4Config
+
+    if args.gpu_memory <= 0:
+        raise ValueError(f"--gpu-memory must be positive, got {args.gpu_memory}")
+    cfg = Llama4Config.from_dir(args.model)
+    plan = make_plan(cfg, args.gpus, int(args.gpu_memory * 2**30), weight_dtype=read_weight_dtype(args.model),
+                     kv_dtype=args.kv_dtype, replicas=args.replicas, headroom=args.headroom,
+                     num_expert_shards=args.expert_shards)
+    print(json.dumps(plan.to_dict()) if args.json else format_plan(plan, Path(args.model).name))
+    return 0 if plan.fits else 1
+
+
 def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="start a local Ray head and deploy Herd on it",
                         description="Start a local Ray head (if none runs), deploy the Herd Serve application, "
@@ -223,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synth(sub)
     _add_generate(sub)
+    _add_plan(sub)
     _add_cluster_commands(sub)
     _add_bench(sub)
     return parser
