@@ -7,7 +7,10 @@ import argparse
 import logging
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+
+from cluster.errors import EXIT_BUG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STATUS_HELP, CliError, UsageError
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -81,7 +84,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.offline:
         if not args.model:
-            raise SystemExit("herd generate --offline needs --model DIR")
+            raise UsageError("--offline needs --model DIR (the checkpoint to run)")
         from cluster.offline import run_offline
 
         out = run_offline(args)
@@ -110,13 +113,17 @@ def _generate_remote(args: argparse.Namespace):
     else:
         req.text = args.prompt
     token_ids, text, reason = [], [], ""
-    for chunk in HerdClient(args.address).generate(req):
-        token_ids += chunk.token_ids
-        text.append(chunk.text)
-        reason = chunk.finish_reason or reason
-        if not args.json:
-            print(chunk.text, end="", flush=True)
-    if not args.json:
+    try:
+        for chunk in HerdClient(args.address).generate(req):
+            token_ids += chunk.token_ids
+            text.append(chunk.text)
+            reason = chunk.finish_reason or reason
+            if not args.json:
+                print(chunk.text, end="", flush=True)
+    finally:
+        if text and not args.json:
+            print(flush=True)  # ends the streamed line, also before an error message
+    if not text and not args.json:
         print()
     return SimpleNamespace(token_ids=token_ids, text="".join(text), finish_reason=reason)
 
@@ -211,8 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="herd",
         description="Herd: serve Llama 4-class MoE multimodal models on Ray.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the traceback of an error as well as its message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synth(sub)
     _add_generate(sub)
@@ -249,13 +259,21 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except Exception as e:  # the CLI's last line of defence: a message, not a trace
+    except KeyboardInterrupt:
+        print(f"\nherd {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # the CLI's last line of defence: expected errors are one line, bugs a traceback
         from model.errors import HerdModelError
 
-        if isinstance(e, (HerdModelError, ValueError, OSError)) and not args.verbose:
+        if isinstance(e, (CliError, HerdModelError, ValueError, OSError)):
+            if args.verbose:
+                traceback.print_exc()
             print(f"herd {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        raise
+            return e.exit_code if isinstance(e, CliError) else EXIT_FAILED
+        traceback.print_exc()
+        print(f"herd {args.command}: internal error (a bug in herd): {type(e).__name__}: {e}; "
+              "please report it with the traceback above", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":
