@@ -64,6 +64,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default="127.0.0.1:9000", help="the cluster's gRPC endpoint (default 127.0.0.1:9000)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (a BOS token is prepended)")
+    prompt.add_argument("--prompt-file", metavar="FILE",
+                        help="read the prompt text from FILE (UTF-8), `-` for stdin; trailing line breaks are "
+                             "dropped, as `$(cat FILE)` does (for prompts too long for the command line)")
     prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="an image (repeatable); each <|image|> in the prompt marks where one goes, "
@@ -82,6 +85,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> int:
     import json
 
+    if args.prompt_file is not None:
+        args.prompt = read_prompt_file(args.prompt_file)
     if args.offline:
         if not args.model:
             raise UsageError("--offline needs --model DIR (the checkpoint to run)")
@@ -95,6 +100,22 @@ def _generate(args: argparse.Namespace) -> int:
     elif args.offline:
         print(out.text)  # the remote path streamed it already
     return 0
+
+
+def read_prompt_file(path: str) -> str:
+    """The prompt in FILE (`-`: stdin), UTF-8, without its trailing line breaks."""
+    name = "stdin" if path == "-" else path
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as e:
+        raise CliError(f"--prompt-file: cannot read {name}: {e.strerror or e}") from e
+    try:
+        text = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise CliError(f"--prompt-file: {name} is not UTF-8 text ({e})") from e
+    if not text:
+        raise CliError(f"--prompt-file: {name} is empty")
+    return text
 
 
 def _generate_remote(args: argparse.Namespace):

@@ -1,7 +1,9 @@
 """The `herd` CLI without a cluster: `herd bench` reaches every benchmark; expected errors are one
-line on stderr with the documented exit status (no traceback), bugs a traceback.
-(Against a running cluster: tests/cluster/test_serving.py.)"""
+line on stderr with the documented exit status (no traceback), bugs a traceback; `--prompt-file`
+and stdin give the tokens of `--prompt`. (Against a running cluster: tests/cluster/test_serving.py.)"""
 
+import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +120,30 @@ def test_verbose_adds_the_traceback_of_an_expected_error(capsys):
     assert main(["-v", "generate", "--prompt-ids", "1,x"]) == errors.EXIT_FAILED
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("herd generate: error: --prompt-ids")
+
+
+# ---- --prompt-file ---------------------------------------------------------------------------
+
+def test_unreadable_or_empty_prompt_file_is_one_line_and_exit_1(tmp_path):
+    out = herd("generate", "--prompt-file", str(tmp_path / "missing.txt"))
+    assert out.returncode == errors.EXIT_FAILED
+    assert one_line_error(out) == f"herd generate: error: --prompt-file: cannot read {tmp_path}/missing.txt: " \
+                                  "No such file or directory"
+    out = herd("generate", "--prompt-file", "-", stdin="\n\n")
+    assert out.returncode == errors.EXIT_FAILED and one_line_error(out).endswith("--prompt-file: stdin is empty")
+    out = herd("generate", "--prompt", "a", "--prompt-file", "b")
+    assert out.returncode == errors.EXIT_USAGE and "not allowed with argument" in out.stderr
+
+
+def generate_offline(checkpoint, capsys, *prompt: str) -> dict:
+    assert main(["generate", "--offline", "--model", str(checkpoint), *prompt, "--max-tokens", "6", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_prompt_file_and_stdin_equal_prompt_offline(checkpoint, capsys, monkeypatch, tmp_path):
+    text = "Herd serves Llama 4.\nA second line, ünïcode too."
+    want = generate_offline(checkpoint, capsys, "--prompt", text)
+    (tmp_path / "prompt.txt").write_text(text + "\n", encoding="utf-8")
+    assert generate_offline(checkpoint, capsys, "--prompt-file", str(tmp_path / "prompt.txt")) == want
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((text + "\r\n").encode()), encoding="utf-8"))
+    assert generate_offline(checkpoint, capsys, "--prompt-file", "-") == want
