@@ -163,7 +163,10 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("down", help="remove the application and stop the local Ray head").set_defaults(func=_down)
     sub.add_parser("status", help="endpoints, deployments and replica states").set_defaults(func=_status)
     chat = sub.add_parser("chat", help="interactive chat with the cluster over gRPC",
-                          description="Multi-turn chat over gRPC; an empty line or Ctrl-D ends it.")
+                          description="Multi-turn chat over gRPC; an empty line, Ctrl-D or Ctrl-C ends it "
+                          "(exit status 0). When stdin is not a terminal each non-empty line read from it "
+                          "is one user turn, echoed as `you> LINE`, until end of input: "
+                          "`printf 'Hi\\nAnd then?\\n' | herd chat`. Answers are printed on `herd> ` lines.")
     chat.add_argument("--address", default="127.0.0.1:9000", help="gRPC endpoint")
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.7)
@@ -217,22 +220,82 @@ def _chat(args: argparse.Namespace) -> int:
     from deployments.pb import herd_pb2 as pb
 
     client, history, images = HerdClient(args.address), [], list(args.image)
+    models = client.list_models()  # nothing answers: exit now, not after the first turn is typed
+    interactive = sys.stdin.isatty()
+    if interactive:
+        served = ", ".join(m.id for m in models) or "?"
+        print(f"chatting with {served} at {args.address}; an empty line or Ctrl-D ends", file=sys.stderr)
+    try:
+        for line in _user_turns(interactive):
+            history.append(user_turn(line, images))
+            images = []
+            req = pb.GenerateRequest(sampling=sampling(args.max_tokens, args.temperature, 1.0, 0, None))
+            req.chat.messages.extend(history)
+            answer = PrefixedLines("herd> ")
+            try:
+                for chunk in client.generate(req):
+                    answer.write(chunk.text)
+            except BaseException:
+                answer.finish_line()  # the error message goes below what was printed
+                raise
+            answer.end()
+            history.append(pb.ChatMessage(role="assistant", content=[pb.ContentPart(text=answer.text)]))
+    except KeyboardInterrupt:
+        print(flush=True)  # Ctrl-C ends the chat like Ctrl-D
+    return 0
+
+
+def _user_turns(interactive: bool):
+    """The user's turns: typed after a `you> ` prompt (an empty line or Ctrl-D ends), or, when stdin
+    is not a terminal, its non-empty lines, echoed as `you> LINE` so the output reads as a transcript."""
+    if not interactive:
+        for raw in sys.stdin:
+            line = raw.strip()
+            if line:
+                print(f"you> {line}", flush=True)
+                yield line
+        return
     while True:
         try:
             line = input("you> ").strip()
         except EOFError:
-            break
+            print()  # Ctrl-D leaves the cursor after the prompt
+            return
         if not line:
-            break
-        history.append(user_turn(line, images))
-        images = []
-        req = pb.GenerateRequest(sampling=sampling(args.max_tokens, args.temperature, 1.0, 0, None))
-        req.chat.messages.extend(history)
-        print("herd> ", end="", flush=True)
-        answer = "".join(print(c.text, end="", flush=True) or c.text for c in client.generate(req))
-        print()
-        history.append(pb.ChatMessage(role="assistant", content=[pb.ContentPart(text=answer)]))
-    return 0
+            return
+        yield line
+
+
+class PrefixedLines:
+    """Streams text to stdout with `prefix` at the start of every line; `end()` finishes the last line."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.parts, self.at_line_start = prefix, [], True
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def write(self, text: str) -> None:
+        self.parts.append(text)
+        for piece in text.splitlines(keepends=True):
+            if self.at_line_start:
+                sys.stdout.write(self.prefix)
+            sys.stdout.write(piece)
+            self.at_line_start = piece.endswith("\n")
+        sys.stdout.flush()
+
+    def end(self) -> None:
+        if not any(self.parts):
+            sys.stdout.write(self.prefix)  # an empty answer still gets its line
+            self.at_line_start = False
+        self.finish_line()
+
+    def finish_line(self) -> None:
+        if not self.at_line_start:
+            sys.stdout.write("\n")
+            self.at_line_start = True
+        sys.stdout.flush()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """The `herd` CLI without a cluster: `herd bench` reaches every benchmark; expected errors are one
 line on stderr with the documented exit status (no traceback), bugs a traceback; `--prompt-file`
-and stdin give the tokens of `--prompt`. (Against a running cluster: tests/cluster/test_serving.py.)"""
+and stdin give the tokens of `--prompt`; chat answers are printed on `herd> ` lines.
+(Against a running cluster: tests/cluster/test_serving.py.)"""
 
 import io
 import json
@@ -12,7 +13,7 @@ import grpc
 import pytest
 
 from cluster import errors
-from cluster.cli import BENCHMARKS, main
+from cluster.cli import BENCHMARKS, PrefixedLines, main
 from cluster.client import translate
 from tests.cluster.conftest import free_port
 
@@ -49,7 +50,7 @@ def test_help_documents_the_exit_status():
         assert f"\n  {code} " in out.stdout
 
 
-@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"]])
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["chat"]])
 def test_no_cluster_is_one_line_and_exit_3(command):
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     out = herd(*command, "--address", address, stdin="hello\n")
@@ -147,3 +148,20 @@ def test_prompt_file_and_stdin_equal_prompt_offline(checkpoint, capsys, monkeypa
     assert generate_offline(checkpoint, capsys, "--prompt-file", str(tmp_path / "prompt.txt")) == want
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((text + "\r\n").encode()), encoding="utf-8"))
     assert generate_offline(checkpoint, capsys, "--prompt-file", "-") == want
+
+
+# ---- herd chat -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunks, printed", [
+    (["Hello", " there"], "herd> Hello there\n"),
+    (["one\ntw", "o\n", "\nfour"], "herd> one\nherd> two\nherd> \nherd> four\n"),
+    (["ends with a newline\n"], "herd> ends with a newline\n"),
+    ([], "herd> \n"),
+    ([""], "herd> \n"),
+])
+def test_chat_answers_are_printed_on_herd_lines(capsys, chunks, printed):
+    answer = PrefixedLines("herd> ")
+    for c in chunks:
+        answer.write(c)
+    answer.end()
+    assert capsys.readouterr().out == printed and answer.text == "".join(chunks)
