@@ -7,7 +7,10 @@ import argparse
 import logging
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+
+from cluster.errors import EXIT_BUG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STATUS_HELP, CliError, UsageError
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -68,6 +71,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default="127.0.0.1:9000", help="the cluster's gRPC endpoint (default 127.0.0.1:9000)")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (a BOS token is prepended)")
+    prompt.add_argument("--prompt-file", metavar="FILE",
+                        help="read the prompt text from FILE (UTF-8), `-` for stdin; trailing line breaks are "
+                             "dropped, as `$(cat FILE)` does (for prompts too long for the command line)")
     prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="an image (repeatable); each <|image|> in the prompt marks where one goes, "
@@ -86,9 +92,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _generate(args: argparse.Namespace) -> int:
     import json
 
+    if args.prompt_file is not None:
+        args.prompt = read_prompt_file(args.prompt_file)
     if args.offline:
         if not args.model:
-            raise SystemExit("herd generate --offline needs --model DIR")
+            raise UsageError("--offline needs --model DIR (the checkpoint to run)")
         from cluster.offline import run_offline
 
         out = run_offline(args)
@@ -99,6 +107,22 @@ def _generate(args: argparse.Namespace) -> int:
     elif args.offline:
         print(out.text)  # the remote path streamed it already
     return 0
+
+
+def read_prompt_file(path: str) -> str:
+    """The prompt in FILE (`-`: stdin), UTF-8, without its trailing line breaks."""
+    name = "stdin" if path == "-" else path
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as e:
+        raise CliError(f"--prompt-file: cannot read {name}: {e.strerror or e}") from e
+    try:
+        text = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise CliError(f"--prompt-file: {name} is not UTF-8 text ({e})") from e
+    if not text:
+        raise CliError(f"--prompt-file: {name} is empty")
+    return text
 
 
 def _generate_remote(args: argparse.Namespace):
@@ -117,13 +141,17 @@ def _generate_remote(args: argparse.Namespace):
     else:
         req.text = args.prompt
     token_ids, text, reason = [], [], ""
-    for chunk in HerdClient(args.address).generate(req):
-        token_ids += chunk.token_ids
-        text.append(chunk.text)
-        reason = chunk.finish_reason or reason
-        if not args.json:
-            print(chunk.text, end="", flush=True)
-    if not args.json:
+    try:
+        for chunk in HerdClient(args.address).generate(req):
+            token_ids += chunk.token_ids
+            text.append(chunk.text)
+            reason = chunk.finish_reason or reason
+            if not args.json:
+                print(chunk.text, end="", flush=True)
+    finally:
+        if text and not args.json:
+            print(flush=True)  # ends the streamed line, also before an error message
+    if not text and not args.json:
         print()
     return SimpleNamespace(token_ids=token_ids, text="".join(text), finish_reason=reason)
 
@@ -188,7 +216,10 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("down", help="remove the application and stop the local Ray head").set_defaults(func=_down)
     sub.add_parser("status", help="endpoints, deployments and replica states").set_defaults(func=_status)
     chat = sub.add_parser("chat", help="interactive chat with the cluster over gRPC",
-                          description="Multi-turn chat over gRPC; an empty line or Ctrl-D ends it.")
+                          description="Multi-turn chat over gRPC; an empty line, Ctrl-D or Ctrl-C ends it "
+                          "(exit status 0). When stdin is not a terminal each non-empty line read from it "
+                          "is one user turn, echoed as `you> LINE`, until end of input: "
+                          "`printf 'Hi\\nAnd then?\\n' | herd chat`. Answers are printed on `herd> ` lines.")
     chat.add_argument("--address", default="127.0.0.1:9000", help="gRPC endpoint")
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.7)
@@ -242,30 +273,93 @@ def _chat(args: argparse.Namespace) -> int:
     from deployments.pb import herd_pb2 as pb
 
     client, history, images = HerdClient(args.address), [], list(args.image)
+    models = client.list_models()  # nothing answers: exit now, not after the first turn is typed
+    interactive = sys.stdin.isatty()
+    if interactive:
+        served = ", ".join(m.id for m in models) or "?"
+        print(f"chatting with {served} at {args.address}; an empty line or Ctrl-D ends", file=sys.stderr)
+    try:
+        for line in _user_turns(interactive):
+            history.append(user_turn(line, images))
+            images = []
+            req = pb.GenerateRequest(sampling=sampling(args.max_tokens, args.temperature, 1.0, 0, None))
+            req.chat.messages.extend(history)
+            answer = PrefixedLines("herd> ")
+            try:
+                for chunk in client.generate(req):
+                    answer.write(chunk.text)
+            except BaseException:
+                answer.finish_line()  # the error message goes below what was printed
+                raise
+            answer.end()
+            history.append(pb.ChatMessage(role="assistant", content=[pb.ContentPart(text=answer.text)]))
+    except KeyboardInterrupt:
+        print(flush=True)  # Ctrl-C ends the chat like Ctrl-D
+    return 0
+
+
+def _user_turns(interactive: bool):
+    """The user's turns: typed after a `you> ` prompt (an empty line or Ctrl-D ends), or, when stdin
+    is not a terminal, its non-empty lines, echoed as `you> LINE` so the output reads as a transcript."""
+    if not interactive:
+        for raw in sys.stdin:
+            line = raw.strip()
+            if line:
+                print(f"you> {line}", flush=True)
+                yield line
+        return
     while True:
         try:
             line = input("you> ").strip()
         except EOFError:
-            break
+            print()  # Ctrl-D leaves the cursor after the prompt
+            return
         if not line:
-            break
-        history.append(user_turn(line, images))
-        images = []
-        req = pb.GenerateRequest(sampling=sampling(args.max_tokens, args.temperature, 1.0, 0, None))
-        req.chat.messages.extend(history)
-        print("herd> ", end="", flush=True)
-        answer = "".join(print(c.text, end="", flush=True) or c.text for c in client.generate(req))
-        print()
-        history.append(pb.ChatMessage(role="assistant", content=[pb.ContentPart(text=answer)]))
-    return 0
+            return
+        yield line
+
+
+class PrefixedLines:
+    """Streams text to stdout with `prefix` at the start of every line; `end()` finishes the last line."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.parts, self.at_line_start = prefix, [], True
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def write(self, text: str) -> None:
+        self.parts.append(text)
+        for piece in text.splitlines(keepends=True):
+            if self.at_line_start:
+                sys.stdout.write(self.prefix)
+            sys.stdout.write(piece)
+            self.at_line_start = piece.endswith("\n")
+        sys.stdout.flush()
+
+    def end(self) -> None:
+        if not any(self.parts):
+            sys.stdout.write(self.prefix)  # an empty answer still gets its line
+            self.at_line_start = False
+        self.finish_line()
+
+    def finish_line(self) -> None:
+        if not self.at_line_start:
+            sys.stdout.write("\n")
+            self.at_line_start = True
+        sys.stdout.flush()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="herd",
         description="Herd: serve Llama 4-class MoE multimodal models on Ray.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the traceback of an error as well as its message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synth(sub)
     _add_generate(sub)
@@ -303,13 +397,21 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except Exception as e:  # the CLI's last line of defence: a message, not a trace
+    except KeyboardInterrupt:
+        print(f"\nherd {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # the CLI's last line of defence: expected errors are one line, bugs a traceback
         from model.errors import HerdModelError
 
-        if isinstance(e, (HerdModelError, ValueError, OSError)) and not args.verbose:
+        if isinstance(e, (CliError, HerdModelError, ValueError, OSError)):
+            if args.verbose:
+                traceback.print_exc()
             print(f"herd {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        raise
+            return e.exit_code if isinstance(e, CliError) else EXIT_FAILED
+        traceback.print_exc()
+        print(f"herd {args.command}: internal error (a bug in herd): {type(e).__name__}: {e}; "
+              "please report it with the traceback above", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -4,11 +4,16 @@ It validates requests, renders the Llama 4 chat format, tokenizes, sends images 
 VisionEncoder, expands the image tokens, and streams a router-service replica's output back. Every failure
 becomes a status code with a readable message (deployments/errors.py); nothing it receives can
 crash a replica.
+
+Besides the OpenAI routes, HTTP has what clients and benchmarks (guidellm, vLLM's own scripts) probe
+first, as vLLM serves them: `GET /health` (200 when a router-service replica answers, 503 with an
+OpenAI-style error body otherwise) and `GET /version` (herd's package version and the served model).
 """
 
 
 import asyncio
 import hashlib
+import importlib.metadata
 import json
 import logging
 import time
@@ -37,6 +42,17 @@ from model.prompt import expand_image_tokens
 from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def _herd_version() -> str:
+    try:
+        return importlib.metadata.version("herd")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never pip-installed
+        return "unknown"
+
+
+HERD_VERSION = _herd_version()
+
 app = FastAPI(title="Herd", description="Llama 4 serving: OpenAI-compatible API")
 
 
@@ -58,6 +74,8 @@ def _http_error(error: Exception) -> JSONResponse:
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
+    health_timeout_s = 5.0  # `GET /health` answers 503 when no router-service replica answers within this
+
     def __init__(self, config: dict, router_service: DeploymentHandle, vision: DeploymentHandle):
         route_to_serve_logs()
         self.cfg = HerdConfig.model_validate(config)
@@ -132,6 +150,34 @@ class Ingress:
 
     async def Check(self, request) -> health_pb2.HealthCheckResponse:  # noqa: N802 (grpc.health.v1)
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    # ---- HTTP: health and version (vLLM's routes) --------------------------------------------
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        """200 when the app can serve: this replica runs and a router-service replica answers a cheap
+        call (its engine counters; vLLM's /health likewise only asks whether the engine is alive).
+        503 with an error body while none answers within health_timeout_s (starting, restarting, gone)."""
+        response = self.router_service.stats.remote()
+
+        async def answer():
+            return await response
+
+        try:
+            await asyncio.wait_for(answer(), self.health_timeout_s)
+        except Exception as e:  # TimeoutError, a dead replica, ...: not healthy, never a 500
+            response.cancel()
+            if isinstance(e, TimeoutError):
+                message = f"no router service replica answered within {self.health_timeout_s:g} s"
+            else:
+                detail = (str(e).strip().splitlines() or [""])[0]
+                message = f"the router service is unavailable: {type(e).__name__}: {detail}"
+            log.info("GET /health: 503 %s", message)
+            return JSONResponse(oai.error_body(message, "service_unavailable", 503), status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version(self) -> dict:
+        return {"version": HERD_VERSION, "model": self.cfg.model_name}
 
     # ---- OpenAI HTTP -------------------------------------------------------------------------
     @app.get("/v1/models")

@@ -1,17 +1,38 @@
-"""`herd bench`: every benchmark in bench/ is reachable from the CLI with its own --help."""
+"""The `herd` CLI without a cluster: `herd bench` reaches every benchmark; expected errors are one
+line on stderr with the documented exit status (no traceback), bugs a traceback; `--prompt-file`
+and stdin give the tokens of `--prompt`; chat answers are printed on `herd> ` lines.
+(Against a running cluster: tests/cluster/test_serving.py.)"""
 
+import io
+import json
 import subprocess
 import sys
+from pathlib import Path
 
+import grpc
 import pytest
 
-from cluster.cli import BENCHMARKS, main
+from cluster import errors
+from cluster.cli import BENCHMARKS, PrefixedLines, main
+from cluster.client import translate
+from tests.cluster.conftest import free_port
+
+
+def herd(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], input=stdin, capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[2])
+
+
+def one_line_error(out: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    return lines[0]
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_herd_bench_runs_each_benchmark(name):
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", name, "--help"], capture_output=True,
-                         text=True, timeout=120)
+    out = herd("bench", name, "--help")
     assert out.returncode == 0, out.stderr
     assert BENCHMARKS[name] in out.stdout  # the benchmark's own usage line
 
@@ -20,3 +41,127 @@ def test_herd_bench_rejects_an_unknown_benchmark(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "nope"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_help_documents_the_exit_status():
+    out = herd("--help")
+    assert out.returncode == 0 and "exit status:" in out.stdout
+    for code in (errors.EXIT_OK, errors.EXIT_FAILED, errors.EXIT_USAGE, errors.EXIT_UNREACHABLE, errors.EXIT_BUG):
+        assert f"\n  {code} " in out.stdout
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["chat"]])
+def test_no_cluster_is_one_line_and_exit_3(command):
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    out = herd(*command, "--address", address, stdin="hello\n")
+    assert out.returncode == errors.EXIT_UNREACHABLE
+    line = one_line_error(out)
+    assert line == (f"herd {command[0]}: error: no herd cluster answers at {address}: start one with `herd up` "
+                    "(or pass --address)")
+    assert out.stdout == ""
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+@pytest.mark.parametrize("code, details, kind, fragment", [
+    (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: ...", errors.ClusterUnreachable,
+     "no herd cluster answers at 1.2.3.4:9"),
+    (grpc.StatusCode.NOT_FOUND, "Application metadata not set. Ping /ray.serve.RayServeAPIService/ListApplications "
+     "for available applications.", errors.ClusterUnreachable, "runs no herd application"),
+    (grpc.StatusCode.NOT_FOUND, "model 'x' is not served here", errors.RequestFailed, "model 'x' is not served here"),
+    (grpc.StatusCode.UNAVAILABLE, "a part of the cluster is unavailable, retry: shard 1", errors.RequestFailed,
+     "a part of the cluster is unavailable"),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", errors.RequestFailed,
+     "no answer from 1.2.3.4:9 within 7 s"),
+    (grpc.StatusCode.INTERNAL, "", errors.RequestFailed, "gRPC status INTERNAL"),
+])
+def test_grpc_errors_become_cli_errors(code, details, kind, fragment):
+    err = translate(FakeRpcError(code, details), "1.2.3.4:9", 7)
+    assert type(err) is kind and fragment in str(err)
+    assert err.exit_code == (errors.EXIT_UNREACHABLE if kind is errors.ClusterUnreachable else errors.EXIT_FAILED)
+
+
+def test_bad_input_is_one_line_and_exit_1():
+    out = herd("generate", "--prompt-ids", "1,x", "--address", f"127.0.0.1:{free_port()}")
+    assert out.returncode == errors.EXIT_FAILED
+    assert one_line_error(out).startswith("herd generate: error: --prompt-ids must be comma-separated integers")
+
+
+def test_usage_errors_exit_2():
+    out = herd("generate", "--prompt", "a", "--prompt-ids", "1")
+    assert out.returncode == errors.EXIT_USAGE and "not allowed with argument" in out.stderr
+    out = herd("generate", "--offline", "--prompt", "a")
+    assert out.returncode == errors.EXIT_USAGE and one_line_error(out).endswith("--offline needs --model DIR "
+                                                                               "(the checkpoint to run)")
+
+
+def test_a_bug_shows_its_traceback(monkeypatch, capsys):
+    import cluster.cli
+
+    def broken(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cluster.cli, "_status", broken)
+    assert main(["status"]) == errors.EXIT_BUG
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: boom" in err
+    assert err.strip().splitlines()[-1].startswith("herd status: internal error (a bug in herd): RuntimeError: boom")
+
+
+def test_verbose_adds_the_traceback_of_an_expected_error(capsys):
+    assert main(["-v", "generate", "--prompt-ids", "1,x"]) == errors.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("herd generate: error: --prompt-ids")
+
+
+# ---- --prompt-file ---------------------------------------------------------------------------
+
+def test_unreadable_or_empty_prompt_file_is_one_line_and_exit_1(tmp_path):
+    out = herd("generate", "--prompt-file", str(tmp_path / "missing.txt"))
+    assert out.returncode == errors.EXIT_FAILED
+    assert one_line_error(out) == f"herd generate: error: --prompt-file: cannot read {tmp_path}/missing.txt: " \
+                                  "No such file or directory"
+    out = herd("generate", "--prompt-file", "-", stdin="\n\n")
+    assert out.returncode == errors.EXIT_FAILED and one_line_error(out).endswith("--prompt-file: stdin is empty")
+    out = herd("generate", "--prompt", "a", "--prompt-file", "b")
+    assert out.returncode == errors.EXIT_USAGE and "not allowed with argument" in out.stderr
+
+
+def generate_offline(checkpoint, capsys, *prompt: str) -> dict:
+    assert main(["generate", "--offline", "--model", str(checkpoint), *prompt, "--max-tokens", "6", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_prompt_file_and_stdin_equal_prompt_offline(checkpoint, capsys, monkeypatch, tmp_path):
+    text = "Herd serves Llama 4.\nA second line, ünïcode too."
+    want = generate_offline(checkpoint, capsys, "--prompt", text)
+    (tmp_path / "prompt.txt").write_text(text + "\n", encoding="utf-8")
+    assert generate_offline(checkpoint, capsys, "--prompt-file", str(tmp_path / "prompt.txt")) == want
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((text + "\r\n").encode()), encoding="utf-8"))
+    assert generate_offline(checkpoint, capsys, "--prompt-file", "-") == want
+
+
+# ---- herd chat -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunks, printed", [
+    (["Hello", " there"], "herd> Hello there\n"),
+    (["one\ntw", "o\n", "\nfour"], "herd> one\nherd> two\nherd> \nherd> four\n"),
+    (["ends with a newline\n"], "herd> ends with a newline\n"),
+    ([], "herd> \n"),
+    ([""], "herd> \n"),
+])
+def test_chat_answers_are_printed_on_herd_lines(capsys, chunks, printed):
+    answer = PrefixedLines("herd> ")
+    for c in chunks:
+        answer.write(c)
+    answer.end()
+    assert capsys.readouterr().out == printed and answer.text == "".join(chunks)

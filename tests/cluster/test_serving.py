@@ -1,7 +1,9 @@
 """The cluster on a real local Ray: HTTP and gRPC outputs equal the offline engine token for token
-(text, image and token-id prompts), streaming on both, sharded experts equal colocated ones."""
+(text, image and token-id prompts), streaming on both, sharded experts equal colocated ones;
+GET /health and /version; the `herd` CLI's errors, --prompt-file and piped chat against it."""
 
 import io
+import json
 
 import grpc
 import httpx
@@ -90,8 +92,6 @@ def test_http_completion_stream_with_token_ids(colocated, offline):
         assert r.status_code == 200
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
-    import json
-
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     assert len(chunks) > 1
     assert "".join(c["choices"][0]["text"] for c in chunks) == want.text
@@ -142,6 +142,63 @@ def test_grpc_unary_equals_streaming(colocated):
     streamed = list(grpc_stub(colocated).Generate(req, timeout=60))
     assert list(unary.token_ids) == [t for c in streamed for t in c.token_ids]
     assert unary.text == "".join(c.text for c in streamed) and unary.usage.completion_tokens == 12
+
+
+def test_http_health_and_version(colocated):
+    """What guidellm and vLLM's benchmark clients call before their first request."""
+    import importlib.metadata
+
+    r = httpx.get(f"{colocated.http}/health", timeout=30)
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    r = httpx.get(f"{colocated.http}/version", timeout=30)
+    assert r.status_code == 200
+    assert r.json() == {"version": importlib.metadata.version("herd"), "model": colocated.model_dir.name}
+
+
+# ---- the `herd` CLI against the cluster (without one: tests/cluster/test_cli.py) ---------------
+
+def herd(*args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
+    """`herd ARGS` in a subprocess: exit status, stdout and stderr (bytes decoded as they are: a
+    model's "\r" must not turn into a line break here)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", *args], input=stdin, capture_output=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[2])
+    return out.returncode, out.stdout.decode(), out.stderr.decode()
+
+
+def test_cli_wrong_model_is_one_line_without_traceback(colocated):
+    code, stdout, stderr = herd("generate", "--address", colocated.grpc, "--model", "llama4", "--prompt", "hi")
+    assert code == 1 and stdout == ""
+    assert stderr.strip().splitlines() == [
+        f"herd generate: error: model 'llama4' is not served here; this cluster serves {colocated.model_dir.name!r}"]
+
+
+def test_cli_prompt_file_and_stdin_equal_prompt(colocated, tmp_path):
+    text = "A prompt for a file:\nits second line."
+    args = ["generate", "--address", colocated.grpc, "--max-tokens", "8"]
+    code, stdout, stderr = herd(*args, "--json", "--prompt", text)
+    assert code == 0, stderr
+    want = json.loads(stdout)
+    assert len(want["token_ids"]) == 8
+    (tmp_path / "prompt.txt").write_text(text + "\n")
+    assert json.loads(herd(*args, "--json", "--prompt-file", str(tmp_path / "prompt.txt"))[1]) == want
+    assert json.loads(herd(*args, "--json", "--prompt-file", "-", stdin=text.encode())[1]) == want
+    assert herd(*args, "--prompt-file", "-", stdin=text.encode())[1] == want["text"] + "\n"  # streamed text
+
+
+def test_cli_chat_with_piped_stdin_prints_a_transcript(colocated):
+    code, stdout, stderr = herd("chat", "--address", colocated.grpc, "--max-tokens", "6", "--temperature", "0",
+                                stdin=b"Hello herd\n\nAnd then?\n")
+    assert code == 0 and "Traceback" not in stderr, stderr
+    assert stdout.endswith("\n")
+    lines = stdout[:-1].split("\n")
+    assert all(line.startswith(("you> ", "herd> ")) for line in lines), lines
+    assert [line for line in lines if line.startswith("you> ")] == ["you> Hello herd", "you> And then?"]
+    assert lines[0] == "you> Hello herd" and lines[1].startswith("herd> ")
+    assert lines[-1].startswith("herd> ")
 
 
 def test_metrics_show_requests_and_expert_load(colocated):
