@@ -193,11 +193,15 @@ def _plan(args: argparse.Namespace) -> int:
     from model.config import Llama4Config
 
     if args.gpu_memory <= 0:
-        raise ValueError(f"--gpu-memory must be positive, got {args.gpu_memory}")
+        raise UsageError(f"--gpu-memory must be positive, got {args.gpu_memory}")
     cfg = Llama4Config.from_dir(args.model)
-    plan = make_plan(cfg, args.gpus, int(args.gpu_memory * 2**30), weight_dtype=read_weight_dtype(args.model),
-                     kv_dtype=args.kv_dtype, replicas=args.replicas, headroom=args.headroom,
-                     num_expert_shards=args.expert_shards)
+    weight_dtype = read_weight_dtype(args.model)
+    try:
+        plan = make_plan(cfg, args.gpus, int(args.gpu_memory * 2**30), weight_dtype=weight_dtype,
+                         kv_dtype=args.kv_dtype, replicas=args.replicas, headroom=args.headroom,
+                         num_expert_shards=args.expert_shards)
+    except ValueError as e:  # arguments that do not go together (gpus 0, headroom >= 1, ...)
+        raise UsageError(str(e)) from e
     print(json.dumps(plan.to_dict()) if args.json else format_plan(plan, Path(args.model).name))
     return 0 if plan.fits else 1
 

@@ -21,7 +21,7 @@ exit status:
   {EXIT_UNREACHABLE}    no herd cluster answers at the address: start one with `herd up` (or pass --address)
   {EXIT_BUG}    internal error, a bug in herd: its traceback is printed, please report it
   {EXIT_INTERRUPTED}  interrupted by Ctrl-C
-  `herd bench` exits with its benchmark's status.
+  `herd plan` exits 1 when the deployment does not fit; `herd bench` with its benchmark's status.
 
 Errors print one line on stderr; with -v/--verbose their traceback too."""
 

@@ -228,16 +228,17 @@ def test_cli_table_and_exit_status(scout, maverick, capsys):
     assert "NO" in table and "warning: needs 12 GPUs" in table and "96 KiB fp8" in table
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "/nonexistent/model", "--gpus", "8", "--gpu-memory", "80"], "config.json not found"),
-    (["--gpus", "0", "--gpu-memory", "80"], "gpus must be at least 1"),
-    (["--gpus", "8", "--gpu-memory", "0"], "--gpu-memory must be positive"),
-    (["--gpus", "8", "--gpu-memory", "80", "--headroom", "1.5"], "headroom must be a fraction"),
+@pytest.mark.parametrize("args, message, status", [
+    (["--model", "/nonexistent/model", "--gpus", "8", "--gpu-memory", "80"], "config.json not found", 1),
+    (["--gpus", "0", "--gpu-memory", "80"], "gpus must be at least 1", 2),
+    (["--gpus", "8", "--gpu-memory", "0"], "--gpu-memory must be positive", 2),
+    (["--gpus", "8", "--gpu-memory", "80", "--headroom", "1.5"], "headroom must be a fraction", 2),
 ])
-def test_cli_bad_input_is_one_line(scout, capsys, args, message):
+def test_cli_bad_input_is_one_line(scout, capsys, args, message, status):
+    """A bad checkpoint is bad input (1), arguments that do not go together a usage error (2)."""
     if "--model" not in args:
         args = ["--model", str(scout), *args]
-    assert main(["plan", *args]) == 2
+    assert main(["plan", *args]) == status
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
@@ -245,7 +246,7 @@ def test_cli_bad_input_is_one_line(scout, capsys, args, message):
 def test_cli_refuses_a_quantized_checkpoint(tmp_path, scout, capsys):
     cfg = json.loads((scout / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "fbgemm_fp8"}}))
-    assert main(["plan", "--model", str(tmp_path), "--gpus", "8", "--gpu-memory", "80"]) == 2
+    assert main(["plan", "--model", str(tmp_path), "--gpus", "8", "--gpu-memory", "80"]) == 1
     assert "quantized checkpoint (quantization_config: fbgemm_fp8)" in capsys.readouterr().err
 
 
