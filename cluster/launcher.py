@@ -359,9 +359,12 @@ def start_local_redis(cfg: RedisConfig, port: int) -> tuple[RedisConfig | None, 
     home.mkdir(parents=True, exist_ok=True)
     pidfile = home / f"redis-{port}.pid"
     pidfile.unlink(missing_ok=True)
-    subprocess.run([*redis_cache_command(redis_server, port, cfg.maxmemory), "--daemonize", "yes",
-                    "--pidfile", str(pidfile), "--logfile", str(home / f"redis-{port}.log")],
-                   check=True, capture_output=True)
+    started = subprocess.run([*redis_cache_command(redis_server, port, cfg.maxmemory), "--daemonize", "yes",
+                              "--pidfile", str(pidfile), "--logfile", str(home / f"redis-{port}.log")],
+                             capture_output=True, text=True)
+    if started.returncode != 0:
+        why = (started.stderr or started.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ClusterError(f"redis-server did not start on port {port}: {why[0]}")
     for _ in range(100):
         if pidfile.is_file() and _redis_answers(cfg.url):
             return cfg, int(pidfile.read_text().strip())
@@ -420,8 +423,13 @@ def connect(ports: Ports, auth_mode: str) -> None:
     if not ray.is_initialized():
         os.environ[AUTH_MODE_ENV] = auth_mode
         Config.initialize("")  # what Ray does after setting it (ray._private.authentication)
-        ray.init(address=f"127.0.0.1:{ports.ray}", namespace=NAMESPACE, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        try:
+            ray.init(address=f"127.0.0.1:{ports.ray}", namespace=NAMESPACE, log_to_driver=False,
+                     logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError) as e:
+            raise ClusterError(f"cannot connect to the Ray head on 127.0.0.1:{ports.ray} ({e}); if it uses Ray "
+                               f"token authentication, set {AUTH_MODE_ENV}=token and make its token available "
+                               "(~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
     import ray.serve  # it sets its logger up when imported: quieten it after
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its own INFO lines ("Started Serve", ...)
@@ -598,8 +606,12 @@ def _deploy_checked(cfg: HerdConfig, new: State, replace_app: bool, say: Callabl
             raise ClusterError(f"herd is already serving {was}; `herd up --replace` would redeploy it with "
                                f"{'; '.join(changes)}; `herd down` stops it")
         say(f"herd is already serving {was}; replacing it: {'; '.join(changes) or 'same config (a restart)'}")
-    serve.start(http_options={"host": "0.0.0.0", "port": new.ports.http},
-                grpc_options=gRPCOptions(port=new.ports.grpc, grpc_servicer_functions=GRPC_SERVICERS))
+    try:
+        serve.start(http_options={"host": "0.0.0.0", "port": new.ports.http},
+                    grpc_options=gRPCOptions(port=new.ports.grpc, grpc_servicer_functions=GRPC_SERVICERS))
+    except Exception as e:  # Serve raises RuntimeError or its own errors when its proxies cannot start
+        raise ClusterError(f"Serve could not start on http port {new.ports.http} / grpc port {new.ports.grpc}: "
+                           f"{e}; pass free --http-port / --grpc-port") from None
     try:
         _deploy(cfg, previous)
         return
