@@ -168,7 +168,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
         "dense part, the vision tower and their KV cache); KV bytes per token and tokens per replica; whether it "
         "fits the GPUs, and what to change when not. Weights are sized in the config's torch_dtype (bf16 when "
         "absent); quantized checkpoints are out of scope. Exit status: 0 fits, 1 does not (each warning says "
-        "what to change), 2 bad input. Example: "
+        "what to change) or the checkpoint is bad, 2 bad arguments. Example: "
         "`herd synth --preset scout --config-only --out ckpt/scout && "
         "herd plan --model ckpt/scout --gpus 8 --gpu-memory 80`.",
     )
@@ -207,18 +207,43 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
-    up = sub.add_parser("up", help="start a local Ray head and deploy Herd on it",
-                        description="Start a local Ray head (if none runs), deploy the Herd Serve application, "
-                        "wait until it is healthy and print its endpoints. Without --model/--config the small "
-                        "synthetic Scout-shaped checkpoint is written (first run) and served.")
+    from cluster.launcher import Ports
+
+    up = sub.add_parser(
+        "up", help="start a local Ray head and deploy Herd on it",
+        description="Check the checkpoint, the config and the resources, start a local Ray head and a "
+        "redis-server (each only if none runs on its port), deploy the Herd Serve application, wait until it is "
+        "healthy and print its endpoints. Without --model/--config the small synthetic Scout-shaped checkpoint "
+        "is written (first run) and served. On a cluster that already serves Herd it refuses unless --replace; "
+        "a replacement that fails to deploy is rolled back to the previous config. Exit status: 0 serving, "
+        "1 refused or failed (one line saying why; nothing that this command started is left running).")
     src = up.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint directory to serve")
     src.add_argument("--preset", default="small-scout", help="synthetic checkpoint preset (default small-scout)")
     src.add_argument("--config", help="HerdConfig YAML file (the Serve application args)")
+    up.add_argument("--replace", action="store_true",
+                    help="redeploy over a herd application that is already serving (rolled back if it fails)")
     up.add_argument("--demo", action="store_true", help="send one demo request once it is up")
+    defaults = Ports()
+    for name, what in (("ray", "the Ray head (GCS)"), ("http", "the OpenAI HTTP API"), ("grpc", "the gRPC API"),
+                       ("dashboard", "the Ray dashboard"), ("metrics", "the Prometheus metrics endpoint"),
+                       ("redis", "the local redis-server")):
+        up.add_argument(f"--{name}-port", type=int, metavar="PORT",
+                        help=f"port of {what} (default {getattr(defaults, name)}; a running cluster keeps its own)")
     up.set_defaults(func=_up)
-    sub.add_parser("down", help="remove the application and stop the local Ray head").set_defaults(func=_down)
-    sub.add_parser("status", help="endpoints, deployments and replica states").set_defaults(func=_status)
+    sub.add_parser(
+        "down", help="stop what `herd up` started",
+        description="Stop the Ray head and the redis-server that `herd up` started (recorded in its state file). "
+        "A Ray head or Redis that was already running is left running; only the herd application and its "
+        "expert shards are removed from such a head.").set_defaults(func=_down)
+    status = sub.add_parser(
+        "status", help="model, deployments, replicas, expert shards, endpoints, Redis",
+        description="What the herd cluster of this machine serves: the model and checkpoint, each deployment's "
+        "replicas and their states, the expert shards and their nodes, the endpoints (HTTP, gRPC, the Ray "
+        "dashboard and how to authenticate to it, Prometheus metrics) and the Redis tier's health. Exit status "
+        "0 when a herd cluster runs, 1 when none does.")
+    status.add_argument("--json", action="store_true", help="print it as JSON")
+    status.set_defaults(func=_status)
     chat = sub.add_parser("chat", help="interactive chat with the cluster over gRPC",
                           description="Multi-turn chat over gRPC; an empty line, Ctrl-D or Ctrl-C ends it "
                           "(exit status 0). When stdin is not a terminal each non-empty line read from it "
@@ -232,43 +257,85 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from cluster.launcher import ensure_checkpoint, up
-    from deployments.config import HerdConfig
+    from pydantic import ValidationError
 
-    if args.config:
-        cfg = HerdConfig.from_file(args.config)
-    else:
-        cfg = HerdConfig(model=str(args.model or ensure_checkpoint(args.preset)))
-    for name, url in up(cfg).items():
-        print(f"{name:10s} {url}")
+    from cluster.launcher import ClusterError, ensure_checkpoint, up
+    from deployments.config import HerdConfig
+    from deployments.engine.validation import describe_validation_error
+
+    try:
+        if args.config:
+            cfg = HerdConfig.from_file(args.config)
+        else:
+            cfg = HerdConfig(model=str(args.model or ensure_checkpoint(args.preset)))
+    except ValidationError as e:
+        where = f" {args.config}" if args.config else ""
+        raise ClusterError(f"invalid config{where}: {describe_validation_error(e)} (the fields and their meaning: "
+                           "deployments/config.py)") from None
+    ports = {name: getattr(args, f"{name}_port") for name in ("ray", "http", "grpc", "dashboard", "metrics", "redis")}
+    state = up(cfg, ports, replace_app=args.replace)
+    print(f"herd is serving {cfg.model_name}")
+    p = state.ports
+    for name, url in (("http", f"http://127.0.0.1:{p.http}/v1"), ("grpc", f"127.0.0.1:{p.grpc}"),
+                      ("dashboard", f"http://127.0.0.1:{p.dashboard}"),
+                      ("metrics", f"http://127.0.0.1:{p.metrics}/metrics"), ("redis", state.redis_url or "none")):
+        print(f"  {name:10s} {url}")
+    print("`herd status` shows more (dashboard authentication, replicas); `herd down` stops it")
     if args.demo:
-        _demo()
+        _demo(f"127.0.0.1:{p.grpc}")
     return 0
 
 
-def _demo() -> None:
+def _demo(address: str) -> None:
     from cluster.client import HerdClient, sampling
     from deployments.pb import herd_pb2 as pb
 
     req = pb.GenerateRequest(text="Herd serves Llama 4 on Ray.", sampling=sampling(24, 0.0, 1.0, 0, None))
-    text = "".join(c.text for c in HerdClient().generate(req))
+    text = "".join(c.text for c in HerdClient(address).generate(req))
     print(f"demo request -> {text!r}")
 
 
 def _down(args: argparse.Namespace) -> int:
     from cluster.launcher import down
 
-    down()
-    print("herd is down")
+    for line in down():
+        print(line)
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
     import json
 
-    from cluster.launcher import status
+    from cluster.launcher import NOT_RUNNING, status
 
-    print(json.dumps(status(), indent=2))
+    info = status()
+    if info is None:
+        print(NOT_RUNNING, file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    model = info["model"]
+    print(f"model        {model['name']} (checkpoint {model['checkpoint']}): {info['application']}")
+    if "problem" in info:
+        print(f"problem      {info['problem']}")
+    for name, d in info["deployments"].items():
+        replicas = ", ".join(f"{n} {state}" for state, n in d["replicas"].items()) or "no replicas"
+        print(f"  {name:14s} {d['status']:10s} {replicas}")
+    if info["expert_shards"] is not None:
+        shards = info["expert_shards"]
+        print(f"expert shards {len(shards)}" + "".join(
+            f"\n  experts {s['experts']:8s} on node {s['node']} ({s['state']})" for s in shards))
+    for name, url in info["endpoints"].items():
+        print(f"{name:12s} {url}")
+        if name == "dashboard":
+            print(f"  authentication: {info['dashboard_auth']}")
+    redis = info["redis"]
+    extra = f", {redis['used_memory']} of {redis['maxmemory']} used, {redis['keys']} keys" if "keys" in redis else ""
+    print(f"redis        {redis['url'] or 'none'}: {redis['health']}{extra}")
+    head = info["ray_head"]
+    print(f"ray head     {head['address']}, " + ("started by herd up (herd down stops it)" if head["started_by_herd"]
+                                                 else "not started by herd (herd down leaves it running)"))
     return 0
 
 

@@ -1,7 +1,8 @@
 """The `herd` CLI without a cluster: `herd bench` reaches every benchmark; expected errors are one
 line on stderr with the documented exit status (no traceback), bugs a traceback; `--prompt-file`
-and stdin give the tokens of `--prompt`; chat answers are printed on `herd> ` lines.
-(Against a running cluster: tests/cluster/test_serving.py.)"""
+and stdin give the tokens of `--prompt`; chat answers are printed on `herd> ` lines; the checks
+`herd up` makes without Ray. (Against a running cluster: tests/cluster/test_serving.py and
+tests/cluster/test_lifecycle.py.)"""
 
 import io
 import json
@@ -165,3 +166,42 @@ def test_chat_answers_are_printed_on_herd_lines(capsys, chunks, printed):
         answer.write(c)
     answer.end()
     assert capsys.readouterr().out == printed and answer.text == "".join(chunks)
+
+
+SERVE_MESSAGE = """RouterService: A replica failed to start with exception. Retrying 2 more time(s). Error:
+ray::ServeReplica:herd:RouterService.initialize_and_get_metadata() (pid=1, ip=10.0.0.1)
+  File "replica.py", line 1928, in initialize
+    raise RuntimeError(traceback.format_exc()) from None
+RuntimeError: Traceback (most recent call last):
+  File "model/checkpoint.py", line 190, in _read_state
+    raise CheckpointError(f"{path}: tensor {name!r} is missing")
+model.errors.CheckpointError: /ckpt: tensor 'norm.weight' is missing (expected shape [64])
+"""
+
+
+def test_a_failed_deployment_is_told_by_its_exception():
+    from cluster.launcher import _exception_line
+
+    expected = "CheckpointError: /ckpt: tensor 'norm.weight' is missing (expected shape [64])"
+    assert _exception_line(SERVE_MESSAGE) == expected
+    assert _exception_line("Deployment is unhealthy.\nmore") == "Deployment is unhealthy."
+
+
+def test_resources_are_checked_before_ray():
+    from cluster.launcher import ClusterError, check_resources, config_changes, resources_needed
+    from deployments.config import HerdConfig
+
+    cfg = HerdConfig.model_validate({"model": "/m", "router_service": {"num_replicas": 2, "num_gpus": 1},
+                                     "experts": {"mode": "sharded", "num_shards": 4, "num_gpus_per_shard": 0.5,
+                                                 "resources_per_shard": {"fast_nic": 1}}})
+    assert resources_needed(cfg) == {"CPU": 1 * 2 + 1 + 0.5 + 4, "GPU": 2 + 2, "fast_nic": 4}
+    check_resources(cfg, {"CPU": 8, "GPU": 4, "fast_nic": 4}, "here")
+    with pytest.raises(ClusterError, match="needs 4 GPUs .* but here has 2"):
+        check_resources(cfg, {"CPU": 8, "GPU": 2, "fast_nic": 4}, "here")
+    with pytest.raises(ClusterError, match="fast_nic"):
+        check_resources(cfg, {"CPU": 8, "GPU": 4}, "here")
+    with pytest.raises(ClusterError, match="no GPU"):
+        check_resources(HerdConfig(model="/m", device="cuda"), {"CPU": 8, "GPU": 0}, "here")
+    assert config_changes({"model": "/a", "experts": {"mode": "colocated", "num_shards": 1}},
+                          {"model": "/a", "experts": {"mode": "sharded", "num_shards": 1}}) == [
+        "experts.mode: 'colocated' -> 'sharded'"]
