@@ -183,6 +183,26 @@ def check_resources(cfg: HerdConfig, have: dict[str, float], where: str) -> None
                                "where there are more")
 
 
+def check_gpu_memory(cfg: HerdConfig, gpus: int, gpu_memory_bytes: int) -> None:
+    """Refuse a deployment whose weights and KV cache do not fit the GPUs: the arithmetic of `herd
+    plan` (cluster/plan.py) on this config, one line saying what to change."""
+    from cluster.plan import PlanDoesNotFit, check_fits, plan_for_config
+
+    try:
+        check_fits(plan_for_config(cfg, gpus, gpu_memory_bytes))
+    except PlanDoesNotFit as e:
+        raise ClusterError(f"{e} (see `herd plan --model {cfg.model} --gpus {gpus} "
+                           f"--gpu-memory {gpu_memory_bytes / 2**30:.0f}`)") from None
+
+
+def _check_local_gpus(cfg: HerdConfig) -> None:
+    """On a machine with GPUs that the deployment will use, check that it fits them."""
+    import torch
+
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        check_gpu_memory(cfg, torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory)
+
+
 def machine_resources() -> dict[str, float]:
     """What the head `herd up` starts on this machine will offer (`start_ray_head`)."""
     import torch
@@ -556,6 +576,7 @@ def up(cfg: HerdConfig, ports: dict[str, int] | None = None, replace_app: bool =
     head_running = _port_answers(new.ports.ray)
     if not head_running:
         check_resources(cfg, machine_resources(), "this machine")
+        _check_local_gpus(cfg)
         check_ports_free(new.ports, ["dashboard", "metrics", "http", "grpc"])
 
     started_ray = started_redis = None

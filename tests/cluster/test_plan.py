@@ -9,6 +9,7 @@ import pytest
 
 from cluster.cli import main
 from cluster.plan import PlanDoesNotFit, check_fits, count_params, make_plan, plan_for_config, read_weight_dtype
+from deployments.config import HerdConfig
 from model.config import Llama4Config
 
 GIB = 2**30
@@ -254,3 +255,18 @@ def test_kv_cache_bytes_too_small_for_the_engine(scout):
     plan = plan_of(scout, kv_cache_bytes=2**20)  # 1 MiB: less than one 8192-token chunk of the chunked layers
     assert not plan.fits and plan.kv_tokens_per_replica == 0
     assert len(plan.warnings) == 1 and "engine.kv_cache_bytes (0.0 GiB) is less than" in plan.warnings[0]
+
+
+def test_herd_up_refuses_what_does_not_fit_the_gpus(scout, maverick):
+    """`herd up` checks GPU memory with the same arithmetic (cluster/launcher.py: check_gpu_memory)."""
+    from cluster.launcher import ClusterError, check_gpu_memory
+
+    sharded = {"mode": "sharded", "num_shards": 11, "num_gpus_per_shard": 1}
+    cfg = HerdConfig.model_validate({"model": str(maverick), "experts": sharded, "engine": {"kv_cache_bytes": 8 * 2**30}})
+    refused = r"does not fit: .*`herd plan --model .* --gpus 8 --gpu-memory 80`"
+    with pytest.raises(ClusterError, match=refused):
+        check_gpu_memory(cfg, 8, 80 * 2**30)
+    check_gpu_memory(cfg, 16, 80 * 2**30)  # fits: no error
+    scout_cfg = HerdConfig.model_validate({"model": str(scout), "engine": {"kv_cache_bytes": 8 * 2**30}})
+    with pytest.raises(ClusterError, match="does not fit"):
+        check_gpu_memory(scout_cfg, 1, 80 * 2**30)  # 200 GiB of bf16 experts colocated on one GPU
