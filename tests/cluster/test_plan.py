@@ -262,11 +262,12 @@ def test_herd_up_refuses_what_does_not_fit_the_gpus(scout, maverick):
     from cluster.launcher import ClusterError, check_gpu_memory
 
     sharded = {"mode": "sharded", "num_shards": 11, "num_gpus_per_shard": 1}
-    cfg = HerdConfig.model_validate({"model": str(maverick), "experts": sharded, "engine": {"kv_cache_bytes": 8 * 2**30}})
+    engine = {"kv_cache_bytes": 8 * 2**30}
+    cfg = HerdConfig.model_validate({"model": str(maverick), "experts": sharded, "engine": engine})
     refused = r"does not fit: .*`herd plan --model .* --gpus 8 --gpu-memory 80`"
     with pytest.raises(ClusterError, match=refused):
         check_gpu_memory(cfg, 8, 80 * 2**30)
     check_gpu_memory(cfg, 16, 80 * 2**30)  # fits: no error
-    scout_cfg = HerdConfig.model_validate({"model": str(scout), "engine": {"kv_cache_bytes": 8 * 2**30}})
+    scout_cfg = HerdConfig.model_validate({"model": str(scout), "engine": engine})
     with pytest.raises(ClusterError, match="does not fit"):
         check_gpu_memory(scout_cfg, 1, 80 * 2**30)  # 200 GiB of bf16 experts colocated on one GPU
