@@ -5,6 +5,11 @@ prefill continues), in arrival order, then waiting ones are admitted while budge
 and KV blocks last. When a running sequence cannot get a block, the latest arrival is preempted:
 its blocks are freed (kept in the prefix cache) and it waits to be recomputed.
 
+Blocks loaded from the shared prefix cache for a waiting sequence stay pinned until it is admitted.
+Pins never block progress: when a running sequence or the head of the queue cannot get its blocks,
+the pins of the other waiting sequences are dropped first (their blocks stay revivable in the local
+prefix cache until evicted; at worst those requests recompute their prefix).
+
 The scheduler owns each sequence's progress and KV bookkeeping: it schedules (`schedule`), records
 what a step computed (`postprocess`), and finishes or preempts.
 """
@@ -79,6 +84,8 @@ class Scheduler:
     def _allocate_or_preempt(self, seq: Sequence, n: int) -> bool:
         """Allocate, preempting the latest arrivals until it fits; False if `seq` itself went."""
         while not self.kv.allocate(seq, n):
+            if self._unpin_waiting():
+                continue
             victim = self.running[-1]
             self.preempt(victim)
             if victim is seq:
@@ -91,7 +98,7 @@ class Scheduler:
             if self.cfg.enable_prefix_caching and not seq.tables:
                 self._match_prefix(seq)
             n = min(seq.num_uncomputed, budget)
-            if not self.kv.allocate(seq, n):
+            if not self.kv.allocate(seq, n) and not (self._unpin_waiting(keep=seq) and self.kv.allocate(seq, n)):
                 self._release(seq)
                 break
             self.waiting.popleft()
@@ -99,6 +106,16 @@ class Scheduler:
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
             chunks.append(ScheduledChunk.of(seq, n))
             budget -= n
+
+    def _unpin_waiting(self, keep: Sequence | None = None) -> bool:
+        """Drop the pins of shared-cache chunks loaded for waiting sequences (except `keep`): their
+        blocks become evictable prefix-cache entries. True if any pin was dropped."""
+        dropped = False
+        for seq in self.waiting:
+            if seq is not keep and seq.transfer is not None and seq.transfer.pinned:
+                seq.transfer.release()
+                dropped = True
+        return dropped
 
     def _match_prefix(self, seq: Sequence) -> None:
         hit = self.kv.match_prefix(seq)

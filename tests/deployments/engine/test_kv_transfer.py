@@ -169,3 +169,37 @@ def test_a_full_pool_loads_the_leading_chunks_that_fit(scout_ckpt, doc):
     assert [t for o in outs for t in o.token_ids] == run(cold, doc + [2])[0]
     assert outs[-1].num_cached_tokens_shared == 3 * CHUNK
     assert not any(reader.kv.pools["full"].ref_counts)
+
+
+def test_pinned_loads_of_waiting_requests_never_block_the_queue_head(scout_ckpt):
+    """Chunks loaded for waiting requests fill the pool: the head of the queue (which loaded nothing)
+    still gets admitted (the others' pins are dropped), and every request ends with its cold tokens
+    and no block left referenced. Before, the head waited forever and `step` did nothing."""
+    _, path = scout_ckpt
+    g = torch.Generator().manual_seed(11)
+    docs = [torch.randint(10, 200, (81,), generator=g).tolist() for _ in range(2)]  # 5 chunks = 20 blocks each
+    sink = DictSink()
+    writer = engine_with(path, sink)
+    for d in docs:
+        run(writer, d)
+    cfg = EngineConfig(block_size=4, max_num_batched_tokens=24, num_blocks_full=32, num_blocks_chunked=32)
+    reader = Engine.from_pretrained(path, cfg)
+    reader.attach_shared_cache(DictSink(accept=False))
+    head = torch.randint(10, 200, (30,), generator=g).tolist()
+    prompts = [head] + [d + [7] for d in docs]
+    rids = [reader.add_request(head, GREEDY)]
+    for p in prompts[1:]:
+        chunks, _ = fetch(reader, sink, p)
+        rids.append(reader.add_request(p, GREEDY, shared_chunks=chunks))
+    assert reader.kv.pools["full"].num_free == 0  # 20 + 12 loaded blocks pinned: the head cannot start
+    got: dict[str, list[int]] = {r: [] for r in rids}
+    for _ in range(200):  # bounded: a stuck engine fails here instead of hanging
+        if not reader.has_unfinished():
+            break
+        for o in reader.step():
+            got[o.request_id] += o.token_ids
+    assert not reader.has_unfinished(), "the queue head was never admitted"
+    cold = Engine.from_pretrained(path, EngineConfig(block_size=4, max_num_batched_tokens=24))
+    assert [got[r] for r in rids] == [c.token_ids for c in cold.generate(prompts, GREEDY)]
+    for pool in reader.kv.pools.values():
+        assert pool.num_used == 0 and not any(pool.ref_counts)
