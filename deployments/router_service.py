@@ -89,6 +89,12 @@ class RouterService:
             self.metrics.requests.inc(tags={"status": status})
             log.debug("request %s %s after %.3f s", request_id, status, time.perf_counter() - start)
 
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising marks the replica unhealthy and Serve replaces
+        it: when requests are unfinished and the engine loop died or made no progress for
+        `engine.stuck_after_s`."""
+        self.engine.check_health()
+
     async def _publish_stats(self) -> None:
         while True:
             self.metrics.record_stats(self.engine.stats())

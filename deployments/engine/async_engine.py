@@ -1,6 +1,11 @@
 """`AsyncEngine`: the engine behind an asyncio front end (a Serve replica). All engine calls run
 on one worker thread, so the event loop never blocks on a step and the engine needs no locks;
-each request gets a queue its caller drains as an async iterator."""
+each request gets a queue its caller drains as an async iterator.
+
+The loop never spins: a step that could not move any request forward waits for the next request or
+abort (at most `idle_poll_s`) before trying again. `check_health` (the router service's health
+check) raises `EngineStuck` when requests are unfinished and the loop died or made no progress for
+`EngineConfig.stuck_after_s` (deployments/engine/liveness.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from deployments.engine.engine import Engine
 from deployments.engine.kv_transfer import KVChunk
+from deployments.engine.liveness import Heartbeat
 from deployments.engine.output import RequestOutput
 from deployments.engine.params import SamplingParams
 from deployments.engine.sequence import ImageInput
@@ -23,12 +29,16 @@ class EngineStepError(RuntimeError):
 
 
 class AsyncEngine:
+    idle_poll_s = 0.05  # a step that could do nothing waits this long (or for a new request / abort)
+
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.heartbeat = Heartbeat(engine.config.stuck_after_s)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="herd-engine")
         self._queues: dict[str, asyncio.Queue] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self._idle = True  # the loop waits for work: no progress is due
 
     async def _call(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: fn(*args, **kwargs))
@@ -47,6 +57,9 @@ class AsyncEngine:
             await self._call(self.engine.add_request, prompt_ids, params, request_id=request_id,
                              images=images, cache_salt=cache_salt, shared_chunks=shared_chunks,
                              num_shared_chunks=num_shared_chunks)
+            if self._idle:  # work arrived: the time to progress counts from now
+                self.heartbeat.beat()
+                self._idle = False
             self._wake.set()
             while not finished:
                 item = await queue.get()
@@ -59,18 +72,31 @@ class AsyncEngine:
             self._queues.pop(request_id, None)
             if not finished:
                 await self._call(self.engine.abort, request_id)
+                self._wake.set()  # freed blocks may let a waiting request start
 
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
             if not await self._call(self.engine.has_unfinished):
                 self._wake.clear()
+                self._idle = True
                 continue
+            self._idle = False
+            before = self.engine.progress()
             try:
                 outputs = await self._call(self.engine.step)
             except Exception as e:  # fail the requests in flight, keep serving
                 await self._fail_all(e)
+                self.heartbeat.beat()
                 continue
+            if self.engine.progress() != before:
+                self.heartbeat.beat()
+            else:  # nothing could run: do not spin; a new request or an abort may change that
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.idle_poll_s)
+                except TimeoutError:
+                    self._wake.set()
             for out in outputs:
                 queue = self._queues.get(out.request_id)
                 if queue is not None:
@@ -83,6 +109,11 @@ class AsyncEngine:
             wrapped = EngineStepError(f"request {request_id} failed: {error}")
             wrapped.__cause__ = error
             queue.put_nowait(wrapped)
+
+    def check_health(self) -> None:
+        """Raise EngineStuck when requests are unfinished and the loop died or stopped progressing."""
+        loop_alive = self._loop_task is not None and not self._loop_task.done()
+        self.heartbeat.check(has_work=self.engine.has_unfinished(), loop_alive=loop_alive)
 
     def expert_tokens(self) -> list[int]:
         """Tokens routed to each expert since start (all MoE layers)."""

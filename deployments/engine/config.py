@@ -21,6 +21,10 @@ class EngineConfig(BaseModel):
     num_blocks_full: int | None = Field(None, ge=1, description="override: KV blocks of the NoPE (full-history) layers")
     num_blocks_chunked: int | None = Field(None, ge=1, description="override: KV blocks of the chunked RoPE layers")
     enable_prefix_caching: bool = Field(True, description="reuse the KV of identical prompt prefixes")
+    stuck_after_s: float = Field(
+        120.0, gt=0, description="the router service's health check fails when requests are unfinished and no engine "
+        "step made progress for this long (Serve then replaces the replica); above the longest expected step"
+    )
     attention_backend: str = Field(
         "reference", description="attention over the paged KV cache (deployments/engine/attention/registry.py)"
     )

@@ -78,6 +78,7 @@ class Engine:
         self._states: dict[str, RequestState] = {}
         self._arrivals = itertools.count()
         self.shared_cache: SharedCachePort | None = None
+        self.num_steps = 0  # steps that ran a batch (a step with nothing schedulable does not count)
         log.info("engine ready: %s; max_model_len %d", ", ".join(f"{g.name} KV {g.num_blocks} blocks x "
                  f"{len(g.layers)} layers" for g in groups), self.max_model_len)
 
@@ -156,12 +157,18 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._states)
 
+    def progress(self) -> tuple[int, int]:
+        """Changes whenever a step did something (ran a batch, or preempted): a step that leaves it
+        unchanged could not move any request forward."""
+        return self.num_steps, self.scheduler.num_preemptions
+
     # ---- stepping ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch; return a delta for every request that produced tokens or finished."""
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
+        self.num_steps += 1
         logits = self.runner.execute(chunks)
         sampling = [c.seq for c in chunks if c.samples]
         self.scheduler.postprocess(chunks)

@@ -1,0 +1,96 @@
+"""The engine loop's liveness: a stuck or dead loop with requests unfinished fails the health check,
+an idle one never does, and a step that can do nothing does not make the loop spin."""
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from deployments.engine.async_engine import AsyncEngine
+from deployments.engine.liveness import EngineStuck, Heartbeat, liveness_problem
+
+
+def test_liveness_problem():
+    ok = dict(has_work=True, loop_alive=True, seconds_since_progress=5, stuck_after_s=10)
+    assert liveness_problem(**ok) is None
+    assert liveness_problem(**ok | dict(has_work=False, loop_alive=False, seconds_since_progress=1e6)) is None
+    assert "died" in liveness_problem(**ok | dict(loop_alive=False))
+    assert "no engine step made progress for 11 s" in liveness_problem(**ok | dict(seconds_since_progress=11))
+
+
+def test_heartbeat_with_a_fake_clock():
+    now = [100.0]
+    hb = Heartbeat(stuck_after_s=10, clock=lambda: now[0])
+    now[0] = 109
+    hb.check(has_work=True, loop_alive=True)
+    now[0] = 111
+    with pytest.raises(EngineStuck, match="no engine step made progress"):
+        hb.check(has_work=True, loop_alive=True)
+    hb.check(has_work=False, loop_alive=True)  # idle is healthy however long
+    hb.beat()
+    hb.check(has_work=True, loop_alive=True)
+
+
+class StuckEngine:
+    """An engine whose requests can never be scheduled (what the pinned-blocks deadlock looked like)."""
+
+    def __init__(self, stuck_after_s: float):
+        self.config = SimpleNamespace(stuck_after_s=stuck_after_s)
+        self.requests: set[str] = set()
+        self.num_step_calls = 0
+
+    def add_request(self, prompt_ids, params, *, request_id, **kwargs):
+        self.requests.add(request_id)
+        return request_id
+
+    def abort(self, request_id):
+        return self.requests.discard(request_id) is None
+
+    def has_unfinished(self):
+        return bool(self.requests)
+
+    def progress(self):
+        return (0, 0)
+
+    def step(self):
+        self.num_step_calls += 1
+        return []
+
+
+def test_a_stuck_engine_neither_spins_nor_passes_the_health_check():
+    async def scenario():
+        engine = StuckEngine(stuck_after_s=0.3)
+        async_engine = AsyncEngine(engine)  # type: ignore[arg-type]
+        async_engine.check_health()  # idle, no loop yet: healthy
+        stream = async_engine.generate("r1", [1, 2], None)  # type: ignore[arg-type]
+        consumer = asyncio.create_task(stream.__anext__())
+        await asyncio.sleep(0.1)
+        async_engine.check_health()  # work just arrived
+        await asyncio.sleep(0.5)
+        assert engine.num_step_calls < 30  # ~0.6 s / idle_poll_s, not thousands
+        with pytest.raises(EngineStuck, match="no engine step made progress"):
+            async_engine.check_health()
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+        await stream.aclose()  # the request is aborted: idle again, healthy
+        await asyncio.sleep(0.1)
+        async_engine.check_health()
+        async_engine._loop_task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_loop_with_work_fails_the_health_check():
+    async def scenario():
+        engine = StuckEngine(stuck_after_s=100)
+        async_engine = AsyncEngine(engine)  # type: ignore[arg-type]
+        engine.requests.add("r1")
+        async_engine._loop_task = asyncio.create_task(asyncio.sleep(0))
+        await async_engine._loop_task
+        with pytest.raises(EngineStuck, match="died"):
+            async_engine.check_health()
+
+    start = time.monotonic()
+    asyncio.run(scenario())
+    assert time.monotonic() - start < 5
