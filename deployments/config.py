@@ -54,6 +54,8 @@ class LimitsConfig(_Frozen):
     max_images_per_request: int = Field(8, ge=0)
     max_image_bytes: int = Field(20 * 2**20, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    max_body_bytes: int = Field(32 * 2**20, ge=1, description="largest HTTP request body (larger: 413); room for one "
+                                "image of max_image_bytes as base64")
 
 
 class VisionOptions(DeploymentOptions):

@@ -10,6 +10,7 @@ import ray
 from deployments.engine.async_engine import EngineStepError
 from deployments.engine.engine import EngineOverloaded
 from deployments.expert_shard import ExpertsUnavailable
+from deployments.openai_schema import BodyTooLarge
 from model.errors import InvalidInputError
 
 
@@ -35,6 +36,8 @@ def _cause(error: BaseException) -> BaseException:
 def classify(error: BaseException) -> ClientError:
     err = _cause(error)
     message = str(err).strip() or type(err).__name__
+    if isinstance(err, BodyTooLarge):
+        return ClientError(grpc.StatusCode.INVALID_ARGUMENT, 413, "invalid_request_error", message)
     if isinstance(err, InvalidInputError):
         return ClientError(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error", message)
     if isinstance(err, ModelNotFound):

@@ -14,7 +14,6 @@ OpenAI-style error body otherwise) and `GET /version` (herd's package version an
 import asyncio
 import hashlib
 import importlib.metadata
-import json
 import logging
 import time
 import uuid
@@ -64,8 +63,6 @@ def _set_grpc_error(grpc_context, error: Exception) -> None:
 
 
 def _http_error(error: Exception) -> JSONResponse:
-    if isinstance(error, json.JSONDecodeError):
-        error = InvalidInputError(f"the body is not valid JSON: {error}")
     err = classify(error)
     log.info("HTTP request failed: %d %s", err.http_status, err.message)
     return JSONResponse(oai.error_body(err.message, err.type, err.http_status), status_code=err.http_status)
@@ -192,11 +189,26 @@ class Ingress:
     async def completions(self, request: Request):
         return await self._http(request, chat=False)
 
+    async def _body(self, request: Request) -> bytes:
+        """The raw body, read no further than `limits.max_body_bytes` (BodyTooLarge beyond)."""
+        limit = self.cfg.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit():
+            oai.check_body_size(int(declared), limit)
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            oai.check_body_size(size, limit)
+            parts.append(part)
+        return b"".join(parts)
+
     async def _http(self, request: Request, chat: bool):
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         try:
-            body = json.loads(await request.body())
+            body = oai.decode_body(await self._body(request), self.cfg.limits.max_body_bytes)
             parsed = oai.parse_chat_request(body) if chat else oai.parse_completion_request(body)
+            if isinstance(parsed, oai.CompletionRequest) and isinstance(parsed.prompt, list):
+                oai.check_prompt_token_ids(parsed.prompt, self.model_cfg.text.vocab_size)
             req = oai.to_generation_request(parsed, request_id=request_id,
                                             tenant_header=request.headers.get("x-herd-tenant"))
             if parsed.stream:

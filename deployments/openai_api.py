@@ -19,12 +19,16 @@ from collections.abc import Callable
 
 from deployments.engine.output import RequestOutput
 from deployments.openai_schema import (
+    BodyTooLarge,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
     ContentPart,
     ImageURL,
     StreamOptions,
+    check_body_size,
+    check_prompt_token_ids,
+    decode_body,
     decode_data_url,
     parse_chat_request,
     parse_completion_request,
@@ -33,6 +37,7 @@ from deployments.openai_schema import (
 
 __all__ = [
     "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "ContentPart", "ImageURL", "StreamOptions",
+    "BodyTooLarge", "check_body_size", "check_prompt_token_ids", "decode_body",
     "decode_data_url", "parse_chat_request", "parse_completion_request", "to_generation_request",
     "chat_completion", "chat_chunk", "completion", "completion_chunk", "usage_chunk", "usage",
     "sse", "SSE_DONE", "error_body", "models_list", "CHAT_ID_PREFIX", "COMPLETION_ID_PREFIX",

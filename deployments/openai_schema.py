@@ -11,14 +11,17 @@ What is accepted:
 - Images come only as base64 `data:` URLs; this server fetches nothing. `detail` is accepted and
   unused (the Llama 4 processor tiles every image the same way).
 
-Every problem ends as one `InvalidInputError` naming the field(s): `parse_*_request` for the shape
-of the body, `to_generation_request` for the sampling ranges (via `SamplingParams.create`).
+Every problem ends as one `InvalidInputError` naming the field(s): `decode_body` for the bytes
+(size, UTF-8, JSON syntax, nesting, huge integers, lone surrogates), `parse_*_request` for the shape
+of the body, `check_prompt_token_ids` for token ids against the vocabulary, `to_generation_request`
+for the sampling ranges (via `SamplingParams.create`). None of them echoes a Python exception's text.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -37,6 +40,90 @@ from deployments.request import ChatTurn, GenerationRequest, ImagePart
 from model.errors import InvalidInputError
 
 _BODY = ConfigDict(strict=True, extra="ignore", frozen=True)
+MAX_INT_DIGITS = 100  # longer JSON integers are rejected (no field needs them; Python's int() refuses > 4300)
+
+
+class BodyTooLarge(InvalidInputError):
+    """The request body exceeds `limits.max_body_bytes` (HTTP 413)."""
+
+
+class _BadNumber(ValueError):
+    pass
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _BadNumber(f"the body holds an integer of {len(text.lstrip('-'))} digits; at most {MAX_INT_DIGITS} "
+                         "are accepted")
+    return int(text)
+
+
+def _parse_constant(text: str) -> Any:
+    raise _BadNumber(f"the body holds {text}, which is not valid JSON")
+
+
+def check_body_size(size: int, max_bytes: int) -> None:
+    """BodyTooLarge if a body of `size` bytes (declared or read so far) exceeds `max_bytes`."""
+    if size > max_bytes:
+        raise BodyTooLarge(f"the request body is larger than {max_bytes} bytes (limits.max_body_bytes)")
+
+
+def decode_body(raw: bytes, max_bytes: int) -> Any:
+    """The JSON value of a request body, or one InvalidInputError saying what is wrong with it:
+    too large (BodyTooLarge), not UTF-8, not JSON, nested too deeply, an integer of more than
+    MAX_INT_DIGITS digits, NaN/Infinity, or a string holding a lone surrogate (`"\\ud800"`)."""
+    check_body_size(len(raw), max_bytes)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(f"the body is not valid UTF-8 (invalid byte at offset {e.start})") from None
+    try:
+        body = json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant)
+    except _BadNumber as e:
+        raise InvalidInputError(str(e)) from None
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise InvalidInputError("the body is not accepted: its JSON is nested too deeply") from None
+    where = _lone_surrogate(body)
+    if where is not None:
+        raise InvalidInputError(f"{where or 'the body'}: a string holds a lone UTF-16 surrogate (an unpaired "
+                                "\\ud800-\\udfff escape), which is not valid Unicode")
+    return body
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The path (`messages.0.content`) of the first string, key or value, that cannot be encoded as
+    UTF-8 (a lone surrogate); None if there is none. Iterative: deep nesting cannot overflow it."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                child = f"{path}.{k}" if path else str(k)
+                try:
+                    k.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path
+                stack.append((child, item))
+        elif isinstance(v, list):
+            stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in enumerate(v))
+    return None
+
+
+def check_prompt_token_ids(ids: list[int], vocab_size: int, field: str = "prompt") -> None:
+    """InvalidInputError naming `field` if a token id is outside `[0, vocab_size)` (before any
+    tensor is made of them: an id >= 2**63 does not fit one)."""
+    for pos, t in enumerate(ids):
+        if not 0 <= t < vocab_size:
+            shown = str(t) if len(str(t)) <= 24 else f"{str(t)[:12]}...({len(str(t))} digits)"
+            raise InvalidInputError(f"invalid request: {field}: token id {shown} at position {pos} is outside the "
+                                    f"vocabulary [0, {vocab_size})")
 
 
 def _only(*allowed: Any, message: str) -> AfterValidator:
