@@ -3,6 +3,7 @@ replica; a shard killed mid-generation fails its requests with UNAVAILABLE / 503
 restarts, and later requests succeed. Sharded experts give the colocated tokens."""
 
 import base64
+import json
 import threading
 import time
 
@@ -131,3 +132,63 @@ def test_killed_shard_fails_fast_then_recovers(sharded):
             assert e.code() == grpc.StatusCode.UNAVAILABLE and time.time() < deadline
             time.sleep(1)
     assert ok[-1].finish_reason == "length"
+
+
+HOSTILE_BODIES = [
+    b'{"messages": [{"role": "user", "content": "\xff"}], "max_tokens": 2}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}",
+    b'{"messages": [{"role": "user", "content": "a\\ud800"}], "max_tokens": 2}',
+    b'{"prompt": "x\\udc00", "max_tokens": 2}',
+    b'{"prompt": [1, 9223372036854775808], "max_tokens": 2}',
+]
+
+
+def test_hostile_bodies_get_400_and_leave_a_running_stream_intact(sharded):
+    """Each hostile body gets a 400 naming its problem (these were 500s), while a stream runs beside
+    them and ends with every token, the same as when run alone."""
+    stream_body = {"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0, "ignore_eos": True,
+                   "stream": True}
+    result: dict = {}
+
+    def victim():
+        with httpx.stream("POST", sharded.http + "/v1/completions", json=stream_body, timeout=120) as r:
+            result["events"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+    thread = threading.Thread(target=victim)
+    thread.start()
+    for raw in HOSTILE_BODIES:
+        path = "/v1/completions" if raw.startswith(b'{"prompt"') else "/v1/chat/completions"
+        r = httpx.post(sharded.http + path, content=raw, headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == 400, (raw[:60], r.text)
+        message = r.json()["error"]["message"]
+        assert message and "internal" not in message and "Exceeds the limit" not in message, message
+    thread.join(120)
+    events = result["events"]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    alone = httpx.post(sharded.http + "/v1/completions", json=stream_body | {"stream": False}, timeout=120).json()
+    assert alone["choices"][0]["text"] == text and alone["usage"]["completion_tokens"] == 48
+
+
+def test_a_killed_expert_pool_is_recreated(sharded):
+    """The pool actor itself killed (its shards die with it): requests fail with UNAVAILABLE, the
+    router service creates a new pool, and requests succeed again."""
+    from deployments.expert_shard import NAMESPACE, POOL_NAME
+
+    ray.kill(ray.get_actor(POOL_NAME, namespace=NAMESPACE), no_restart=True)
+    request = pb.GenerateRequest(text="again", sampling=pb.SamplingParams(max_tokens=4, temperature=0,
+                                                                          ignore_eos=True))
+    deadline = time.time() + 120
+    while True:
+        try:
+            ok = list(stub(sharded).Generate(request, timeout=60))
+            break
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+            assert time.time() < deadline, "no new expert pool within 120 s"
+            time.sleep(1)
+    assert ok[-1].finish_reason == "length"
+    assert ray.get_actor(POOL_NAME, namespace=NAMESPACE)  # a new pool under the same name
