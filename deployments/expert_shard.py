@@ -4,13 +4,15 @@
 `ExpertPool` is one named, detached actor that creates the shards once, in a placement group
 (PACK or SPREAD over nodes), and hands their handles to every router-service replica. Shards restart
 when they die; a call in flight to a dead shard fails fast (no retries) and the router service turns
-that into UNAVAILABLE for the requests of that step.
+that into UNAVAILABLE for the requests of that step. A pool that dies (its shards die with it) is
+created anew by the next dispatch after a failure (`ShardedExperts.reconnect`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import ray
@@ -153,6 +155,8 @@ def wait_for_shards(pool, timeout_s: float) -> list[tuple]:
     try:
         shards = ray.get(pool.shards_and_ranges.remote(), timeout=timeout_s)
         ray.get([handle.info.remote() for handle, _ in shards], timeout=timeout_s)
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+        raise ExpertsUnavailable(f"expert shards unavailable: {e}") from e
     except ray.exceptions.GetTimeoutError as e:
         raise ExpertsUnavailable(
             f"expert shards not ready after {timeout_s:.0f} s: check that the cluster has the resources of "
@@ -163,14 +167,25 @@ def wait_for_shards(pool, timeout_s: float) -> list[tuple]:
 
 class ShardedExperts:
     """`ExpertBackend` that sends each shard only the tokens routed to its experts and adds the
-    results back (runs on the engine thread)."""
+    results back (runs on the engine thread).
 
-    def __init__(self, shards: list[tuple], timeout_s: float = 30.0, on_dispatch=None):
+    `reconnect` (optional) returns the current shards: after a failed dispatch the next one calls it
+    first, so a pool that died (taking its shards with it) is replaced by a new one
+    (`get_or_create_pool` makes one when the named pool is gone) and a restarted shard is waited for
+    briefly; while that fails, dispatches fail fast with ExpertsUnavailable."""
+
+    def __init__(self, shards: list[tuple], timeout_s: float = 30.0, on_dispatch=None,
+                 reconnect: Callable[[], list[tuple]] | None = None):
         self.shards = shards  # [(handle, (start, stop))]
         self.timeout_s = timeout_s
         self.on_dispatch = on_dispatch  # callback(layer, shard_index, num_tokens, seconds)
+        self.reconnect = reconnect
+        self.stale = False  # a dispatch failed: reconnect before the next one
 
     def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.stale and self.reconnect is not None:
+            self.shards = self.reconnect()  # raises ExpertsUnavailable while the shards are not back
+            self.stale = False
         start_time = time.perf_counter()
         calls = []
         expert_ids, scores = expert_ids.to(IDS_DTYPE), scores.to(SCORES_DTYPE)
@@ -185,6 +200,7 @@ class ShardedExperts:
                 out.index_add_(0, rows, from_wire(ray.get(ref, timeout=self.timeout_s), x.dtype, x.device))
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
                 ray.exceptions.ActorUnavailableError) as e:
+            self.stale = True
             raise ExpertsUnavailable(f"expert shard unavailable at MoE layer {layer}: {e}") from e
         if self.on_dispatch is not None:
             seconds = time.perf_counter() - start_time

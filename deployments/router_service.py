@@ -27,6 +27,9 @@ from model.device import default_dtype, resolve_device
 from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+# After a failed dispatch, how long a step waits for the expert shards (a new pool, a restarted shard)
+# before failing fast again: short, so the engine loop keeps answering and retries on the next step.
+RECONNECT_TIMEOUT_S = 10.0
 
 
 def experts_are_sharded(experts: ExpertsConfig, cluster_gpus: float) -> bool:
@@ -53,9 +56,11 @@ class RouterService:
         self.metrics = RouterServiceMetrics()
         backend = None
         if sharded:
-            pool = get_or_create_pool(cfg.model, cfg.experts, cfg.device, dtype)  # the shards run in our dtype
-            shards = wait_for_shards(pool, cfg.experts.startup_timeout_s)
-            backend = ShardedExperts(shards, on_dispatch=self.metrics.record_dispatch)
+            def connect(timeout_s: float) -> list[tuple]:  # the shards run in our dtype
+                return wait_for_shards(get_or_create_pool(cfg.model, cfg.experts, cfg.device, dtype), timeout_s)
+
+            backend = ShardedExperts(connect(cfg.experts.startup_timeout_s), on_dispatch=self.metrics.record_dispatch,
+                                     reconnect=lambda: connect(RECONNECT_TIMEOUT_S))
         engine = Engine(model, Tokenizer.from_dir(cfg.model), cfg.engine, experts=backend)
         self.shared_cache = connect_shared_cache(cfg.redis, engine, cfg.model) if cfg.redis else None
         self.engine = AsyncEngine(engine)
