@@ -21,6 +21,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.config import ExpertsConfig
+from deployments.engine.experts import ExpertBackendUnavailable
 from model.checkpoint import load_expert_shard
 from model.config import Llama4Config
 from model.device import resolve_device
@@ -54,7 +55,7 @@ def from_wire(a: np.ndarray, dtype: torch.dtype, device: str | torch.device) -> 
     return (t.view(torch.bfloat16) if dtype == torch.bfloat16 else t).to(device)
 
 
-class ExpertsUnavailable(RuntimeError):
+class ExpertsUnavailable(ExpertBackendUnavailable):
     """An expert shard could not be reached (died, restarting, or timed out)."""
 
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from deployments.engine.output import RequestOutput
 from deployments.engine.params import SamplingParams
+from deployments.engine.validation import check_encodable
 from deployments.pb import herd_pb2 as pb
 from deployments.request import ChatTurn, GenerationRequest, ImagePart
 from model.errors import InvalidInputError
@@ -25,9 +26,14 @@ def request_from_pb(r: pb.GenerateRequest) -> GenerationRequest:
     kind = r.WhichOneof("prompt")
     if kind is None:
         raise InvalidInputError("the request has no prompt: set text, chat or prompt_token_ids")
+    for name in ("request_id", "session_id", "tenant", "model"):  # protobuf checks UTF-8 on the wire; be sure
+        check_encodable(name, getattr(r, name))
+    # request_id is the client's label for its request, echoed back; the Ingress keys the engine's
+    # request with an id of its own, so equal ids from different calls never collide.
     common = dict(request_id=r.request_id or f"grpc-{uuid.uuid4().hex}", params=sampling_from_pb(r.sampling),
                   model=r.model, session_id=r.session_id, tenant=r.tenant)
     if kind == "text":
+        check_encodable("text", r.text)
         return GenerationRequest(text=r.text, **common)
     if kind == "prompt_token_ids":
         return GenerationRequest(prompt_token_ids=list(r.prompt_token_ids.ids), **common)

@@ -18,6 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -86,11 +87,15 @@ class Ingress:
         if req.model and req.model != self.cfg.model_name:
             raise ModelNotFound(f"model {req.model!r} is not served here; this cluster serves {self.cfg.model_name!r}")
         ids, images = await self._prompt(req)
+        # The engine's key for the request is made here, never taken from the client: `request_id`
+        # (a gRPC client may choose it) is only a label echoed back in every output. Clients that
+        # number their requests "1", "2", ... would otherwise collide with each other on a replica.
+        engine_id = f"herd-{uuid.uuid4().hex}"
         response = self.router_service.options(stream=True).generate.remote(
-            req.request_id, ids, req.params, images, req.tenant, req.session_id)
+            engine_id, ids, req.params, images, req.tenant, req.session_id)
         try:
             async for delta in response:
-                yield delta
+                yield replace(delta, request_id=req.request_id)
         finally:
             response.cancel()  # a client that left cancels its request (no-op when finished)
 

@@ -35,7 +35,7 @@ from pydantic import (
 )
 
 from deployments.engine.params import SamplingParams
-from deployments.engine.validation import describe_validation_error
+from deployments.engine.validation import describe_validation_error, encodable
 from deployments.request import ChatTurn, GenerationRequest, ImagePart
 from model.errors import InvalidInputError
 
@@ -126,6 +126,11 @@ def check_prompt_token_ids(ids: list[int], vocab_size: int, field: str = "prompt
                                     f"vocabulary [0, {vocab_size})")
 
 
+# Every string Herd uses from a body: JSON can carry a lone surrogate ("\udcff") that no later
+# .encode() survives (the tenant salt is hashed inside an engine step), so it is a 400 here.
+Text = Annotated[str, AfterValidator(encodable)]
+
+
 def _only(*allowed: Any, message: str) -> AfterValidator:
     """A field Herd accepts only with one of its "off" values; anything else fails with `message`."""
     def check(value: Any) -> Any:
@@ -156,7 +161,7 @@ class ImageURL(BaseModel):
     """`{"url": "data:image/png;base64,...", "detail"?}`; the bytes are decoded once, here."""
 
     model_config = _BODY
-    url: str
+    url: Text
     detail: Literal["auto", "low", "high"] | None = None
     _data: bytes = PrivateAttr(b"")
 
@@ -177,7 +182,7 @@ class ContentPart(BaseModel):
 
     model_config = _BODY
     type: Literal["text", "image_url"]
-    text: str | None = None
+    text: Text | None = None
     image_url: ImageURL | None = None
 
     @field_validator("image_url", mode="before")
@@ -226,15 +231,15 @@ class _SamplingRequest(BaseModel):
     """Fields shared by chat and text completions; None means "the SamplingParams default"."""
 
     model_config = _BODY
-    model: str = ""  # empty: the served model
+    model: Text = ""  # empty: the served model
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
-    stop: list[str] | None = None
+    stop: list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # the tenant, unless the x-herd-tenant header names one
+    user: Text | None = None  # the tenant, unless the x-herd-tenant header names one
     n: Annotated[int | None, _only(None, 1, message="n > 1 is not supported; n must be 1")] = None
     presence_penalty: Annotated[float | None, _only(None, 0, message=f"a non-zero presence_penalty {_OFF}")] = None
     frequency_penalty: Annotated[float | None, _only(None, 0, message=f"a non-zero frequency_penalty {_OFF}")] = None
@@ -244,7 +249,7 @@ class _SamplingRequest(BaseModel):
     min_p: float | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
-    session_id: str | None = None
+    session_id: Text | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -297,7 +302,7 @@ class ChatCompletionRequest(_SamplingRequest):
 class CompletionRequest(_SamplingRequest):
     """`POST /v1/completions`: one prompt, as text or as token ids."""
 
-    prompt: str | list[int]
+    prompt: str | list[int]  # a str is checked by _one_prompt (Text in a union names the union member)
     logprobs: Annotated[int | None, _only(None, 0, message="logprobs > 0 (top alternatives) is not supported; "
                                           "use 0 for the chosen tokens' logprobs")] = None
     echo: Annotated[bool | None, _only(None, False, message=f"echo=true {_OFF}")] = None
@@ -315,7 +320,7 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(v, str):
             if not v:
                 raise ValueError("the prompt is empty")
-            return v
+            return encodable(v)
         if isinstance(v, list) and v and all(type(t) is int for t in v):
             if min(v) < 0:
                 raise ValueError(f"token ids must be >= 0, got {min(v)}")

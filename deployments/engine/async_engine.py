@@ -20,12 +20,18 @@ from deployments.engine.liveness import Heartbeat
 from deployments.engine.output import RequestOutput
 from deployments.engine.params import SamplingParams
 from deployments.engine.sequence import ImageInput
+from model.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 
 
 class EngineStepError(RuntimeError):
     """A step failed (e.g. an expert shard died); the requests in it were aborted."""
+
+
+class RequestFailed(RuntimeError):
+    """This request alone broke an engine step and was stopped (the others in the step carried on);
+    the message says what it raised."""
 
 
 class AsyncEngine:
@@ -47,16 +53,23 @@ class AsyncEngine:
                        images: Sequence[ImageInput] = (), cache_salt: str = "",
                        shared_chunks: Sequence[KVChunk] = (),
                        num_shared_chunks: int = 0) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; leaving the iterator early cancels the request."""
+        """Stream a request's outputs; leaving the iterator early cancels the request.
+
+        `request_id` must not be running already: a duplicate raises InvalidInputError and leaves the
+        running request alone (its queue, its engine state). Front ends that take ids from clients
+        should not pass them here (the Ingress gives every request its own engine id)."""
+        if request_id in self._queues:  # checked and claimed with no await in between
+            raise InvalidInputError(f"request_id {request_id!r} is already running")
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._run())
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        finished = False
+        added = finished = False
         try:
             await self._call(self.engine.add_request, prompt_ids, params, request_id=request_id,
                              images=images, cache_salt=cache_salt, shared_chunks=shared_chunks,
                              num_shared_chunks=num_shared_chunks)
+            added = True
             if self._idle:  # work arrived: the time to progress counts from now
                 self.heartbeat.beat()
                 self._idle = False
@@ -67,10 +80,13 @@ class AsyncEngine:
                     finished = True
                     raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise RequestFailed(f"request {request_id} failed in the engine and was stopped: {item.error}")
                 yield item
         finally:
-            self._queues.pop(request_id, None)
-            if not finished:
+            if self._queues.get(request_id) is queue:
+                del self._queues[request_id]
+            if added and not finished:
                 await self._call(self.engine.abort, request_id)
                 self._wake.set()  # freed blocks may let a waiting request start
 

@@ -20,7 +20,7 @@ import torch
 
 from deployments.engine.attention import attention_backend
 from deployments.engine.config import EngineConfig
-from deployments.engine.experts import ColocatedExperts, ExpertBackend
+from deployments.engine.experts import ColocatedExperts, ExpertBackend, ExpertBackendUnavailable
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.kv_manager import KVManager
 from deployments.engine.kv_sizing import plan_kv_groups
@@ -30,8 +30,9 @@ from deployments.engine.params import SamplingParams
 from deployments.engine.request_state import RequestState
 from deployments.engine.runner import ModelRunner
 from deployments.engine.sampler import Sampler
-from deployments.engine.scheduler import Scheduler
+from deployments.engine.scheduler import ScheduledChunk, Scheduler
 from deployments.engine.sequence import ImageInput, Sequence
+from deployments.engine.validation import check_encodable
 from model.errors import InvalidInputError
 from model.llama4 import Llama4
 from model.tokenizer import Tokenizer
@@ -101,6 +102,7 @@ class Engine:
         (a hint: read without the engine thread). Needs `attach_shared_cache`."""
         if self.shared_cache is None:
             raise RuntimeError("prefix_chunks needs attach_shared_cache first")
+        check_encodable("tenant (cache_salt)", cache_salt)
         probe = Sequence(request_id="probe", tokens=list(prompt_ids), num_prompt_tokens=len(prompt_ids), params=None,
                          arrival=-1, patch_token_id=self.model.cfg.image_token_index, images=list(images),
                          cache_salt=cache_salt)
@@ -116,8 +118,10 @@ class Engine:
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._arrivals)}"
         if request_id in self._states:
-            raise InvalidInputError(f"request id {request_id!r} is already running")
-        ids = self.model.check_token_ids(torch.as_tensor(list(prompt_ids), dtype=torch.long)).tolist()
+            raise InvalidInputError(f"request_id {request_id!r} is already running")
+        check_encodable("request_id", request_id)
+        check_encodable("tenant (cache_salt)", cache_salt)  # hashed into every block key of the request
+        ids = self._check_prompt_ids(prompt_ids)
         if len(ids) >= self.max_model_len:
             raise InvalidInputError(f"prompt of {len(ids)} tokens is too long: this engine takes at most "
                                     f"{self.max_model_len - 1} prompt tokens")
@@ -133,6 +137,15 @@ class Engine:
         self._states[request_id] = RequestState(seq, self.tokenizer, self.max_model_len, self.eos_ids)
         self.scheduler.add(seq)
         return request_id
+
+    def _check_prompt_ids(self, prompt_ids: Seq[int]) -> list[int]:
+        """The prompt as a list of ints in the vocabulary, else InvalidInputError naming the problem."""
+        try:
+            ids = torch.as_tensor(list(prompt_ids), dtype=torch.long)
+        except (OverflowError, RuntimeError, TypeError, ValueError) as e:  # e.g. an id >= 2**63
+            raise InvalidInputError(f"prompt token ids must be integers in [0, {self.model.cfg.text.vocab_size}): "
+                                    f"{e}") from None
+        return self.model.check_token_ids(ids).tolist()
 
     def _generator(self, params: SamplingParams) -> torch.Generator | None:
         if params.seed is None:
@@ -163,23 +176,79 @@ class Engine:
         return self.num_steps, self.scheduler.num_preemptions
 
     # ---- stepping ----------------------------------------------------------------------------
+    # Failure isolation. One request's bad state (a value that passed validation but breaks the
+    # model, the sampler or the bookkeeping) must not fail the others in its batch. Running a batch
+    # changes nothing until it succeeded: the runner only writes KV into slots the scheduler already
+    # allocated (a rerun writes the same values again), the scheduler advances `num_computed` and
+    # registers blocks only in `postprocess`, and the seeded generators are put back before a rerun.
+    # So when running a batch raises, it is split in halves and each half is run again, down to the
+    # single chunk that fails alone: that request finishes with finish_reason "error" (and `error`
+    # saying why), its KV is freed, the rest carry on with the tokens they would have had.
+    # `ExpertBackendUnavailable` is nobody's fault: it is raised to the caller, which fails the step.
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return a delta for every request that produced tokens or finished."""
+        """Run one batch; return a delta for every request that produced tokens or finished (a
+        request that broke the batch finishes alone with finish_reason "error")."""
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
         self.num_steps += 1
+        return self._run(chunks)
+
+    def _run(self, chunks: list[ScheduledChunk]) -> list[RequestOutput]:
+        """Run `chunks` (execute + sample, then record), bisecting on failure to the culprits."""
+        saved = [(s.generator, s.generator.get_state()) for s in (c.seq for c in chunks) if s.generator is not None]
+        try:
+            sampling, token_ids, logprobs = self._execute(chunks)
+        except ExpertBackendUnavailable:
+            raise
+        except Exception as e:
+            if len(chunks) == 1:
+                return [self._fail(chunks[0].seq, e)]
+            log.warning("a step of %d chunks failed (%s: %s); rerunning it in halves to find the request "
+                        "that caused it", len(chunks), type(e).__name__, e)
+            for generator, state in saved:
+                generator.set_state(state)
+            mid = len(chunks) // 2
+            return self._run(chunks[:mid]) + self._run(chunks[mid:])
+        outputs: list[RequestOutput] = []
+        failed: set[int] = set()
+        for c in chunks:  # one chunk at a time, so that a failure is that request's
+            try:
+                self.scheduler.postprocess([c])
+            except Exception as e:
+                failed.add(id(c.seq))
+                outputs.append(self._fail(c.seq, e))
+        for seq, tok, lp in zip(sampling, token_ids, logprobs, strict=True):
+            if id(seq) in failed:
+                continue
+            try:
+                outputs.append(self._advance(seq, tok, lp))
+            except Exception as e:
+                outputs.append(self._fail(seq, e))
+        return outputs
+
+    def _execute(self, chunks: list[ScheduledChunk]) -> tuple[list[Sequence], list[int], list[float | None]]:
+        """Run the model over `chunks` and sample the next token of those that sample; no state changes."""
         logits = self.runner.execute(chunks)
         sampling = [c.seq for c in chunks if c.samples]
-        self.scheduler.postprocess(chunks)
         if not sampling:
-            return []
+            return [], [], []
         # add_request gives every scheduled sequence its params (only prefix_chunks' probe has none)
         params = cast("list[SamplingParams]", [s.params for s in sampling])
         result = self.sampler.sample(logits, params, [s.generator for s in sampling])
         token_ids = result.token_ids.tolist()
         logprobs = result.logprobs.tolist() if result.logprobs is not None else [None] * len(sampling)
-        return [self._advance(seq, tok, lp) for seq, tok, lp in zip(sampling, token_ids, logprobs, strict=True)]
+        return sampling, token_ids, logprobs
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        """Finish `seq` alone because running it raised `error`: free its KV, say why."""
+        log.error("request %s failed in an engine step and was stopped alone: %s: %s", seq.request_id,
+                  type(error).__name__, error, exc_info=error)
+        self._states.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        return RequestOutput(seq.request_id, [], "", finish_reason="error", error=f"{type(error).__name__}: {error}",
+                             num_prompt_tokens=seq.num_prompt_tokens, num_generated_tokens=seq.num_generated,
+                             num_cached_tokens=seq.num_cached_prompt_tokens)
 
     def _advance(self, seq: Sequence, token_id: int, logprob: float | None) -> RequestOutput:
         state = self._states[seq.request_id]

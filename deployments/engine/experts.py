@@ -11,6 +11,11 @@ import torch
 from model.llama4 import Llama4
 
 
+class ExpertBackendUnavailable(RuntimeError):
+    """The expert backend cannot run now (e.g. an expert shard died): not any one request's fault,
+    so a step that raises it fails all of its requests instead of looking for a culprit."""
+
+
 class ExpertBackend(Protocol):
     def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Sum over each token's chosen experts of expert(score * x); `x` `[T, hidden]`, ids and scores `[T, k]`."""

@@ -13,12 +13,13 @@ class RequestOutput:
     token_ids: list[int]  # new token ids (a stop token is included)
     text: str  # new text (stop strings and special tokens excluded)
     logprobs: list[float] | None = None  # log p of each new token, when asked for
-    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last output, else None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" on the last output, else None
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache, both tiers
     num_cached_tokens_shared: int = 0  # of num_cached_tokens, loaded from the shared prefix cache
     replica: str = ""  # the router-service replica that served it (set on the last output)
+    error: str | None = None  # with finish_reason "error": why the engine stopped this request alone
 
     @property
     def finished(self) -> bool:

@@ -8,11 +8,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from deployments.engine.validation import describe_validation_error
+from deployments.engine.validation import describe_validation_error, encodable
 from model.errors import InvalidInputError
 
 MAX_STOP_STRINGS = 16
 MAX_SEED = 2**63 - 1  # the gRPC field is int64; torch.Generator.manual_seed takes it as is
+# Integer bounds (the gRPC fields are int32): anything the sampler, the stop checker or a torch
+# tensor holds must fit, so an absurd value is a 400 here rather than an overflow inside a step.
+# A top_k above the vocabulary size keeps every token (the sampler clamps it to the vocabulary).
+MAX_INT32 = 2**31 - 1
 GREEDY_TEMPERATURE = 1e-5  # below this, logits / temperature overflows fp32: sample greedily (as vLLM)
 
 
@@ -21,11 +25,12 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    max_tokens: int = Field(256, ge=1, description="Most tokens to generate (the stop token counts).")
+    max_tokens: int = Field(256, ge=1, le=MAX_INT32, description="Most tokens to generate (the stop token counts).")
     temperature: float = Field(1.0, ge=0.0, description="Softmax temperature; 0 means greedy (argmax).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus: keep the smallest set of most likely "
                          "tokens whose probability adds up to at least top_p (after top_k); 1 = off.")
-    top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 (or -1 on input) = off.")
+    top_k: int = Field(0, ge=0, le=MAX_INT32, description="Keep only the k most likely tokens; 0 (or -1 on input) "
+                       "= off; above the vocabulary size = all.")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens whose probability is below "
                          "min_p times the top token's probability; 0 = off.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Per-request seed: the same seed gives "
@@ -56,6 +61,8 @@ class SamplingParams(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(v)}")
         if any(not s for s in v):
             raise ValueError("stop strings must be non-empty")
+        for s in v:
+            encodable(s)
         return v
 
     @field_validator("stop_token_ids")
@@ -64,6 +71,8 @@ class SamplingParams(BaseModel):
         """Token ids are non-negative (the vocabulary bound is checked by the engine)."""
         if any(t < 0 for t in v):
             raise ValueError(f"token ids must be >= 0, got {min(v)}")
+        if any(t > MAX_INT32 for t in v):
+            raise ValueError(f"token ids must be <= {MAX_INT32}, got {max(v)}")
         return v
 
     @classmethod

@@ -99,7 +99,7 @@ def truncate(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Ten
 def _top_k_top_p(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """top-k, then top-p over the renormalised top-k distribution, in sorted order: [R, V] -> [R, V]."""
     vocab, device = probs.shape[1], probs.device
-    top_k = torch.tensor([p.top_k or vocab for p in params], device=device)  # [R]
+    top_k = torch.tensor([min(p.top_k, vocab) or vocab for p in params], device=device)  # [R] (> vocab: all)
     top_p = torch.tensor([p.top_p for p in params], device=device)  # [R]
     sorted_probs, order = probs.sort(dim=-1, descending=True)  # [R, V]
     keep = torch.arange(vocab, device=device)[None, :] < top_k[:, None]  # [R, V]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
+from model.errors import InvalidInputError
+
 MAX_INPUT_REPR = 40  # longer inputs are cut to 37 characters + "..."
 
 
@@ -28,3 +30,22 @@ def describe_validation_error(error: ValidationError) -> str:
         else:
             problems.append(message)
     return "; ".join(problems)
+
+
+def encodable(value: str) -> str:
+    """`value` if it encodes as UTF-8, else ValueError (for pydantic validators). A JSON body can
+    carry a lone surrogate (`"\\udcff"`), which Python decodes into a str that every later
+    `.encode()` (hashing a tenant salt, a stop string, the wire) would fail on."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"is not valid Unicode text: {e.reason} at position {e.start}") from None
+    return value
+
+
+def check_encodable(field: str, value: str) -> str:
+    """`value` if it encodes as UTF-8, else an InvalidInputError naming `field`."""
+    try:
+        return encodable(value)
+    except ValueError as e:
+        raise InvalidInputError(f"{field}: {e}") from None

@@ -192,3 +192,73 @@ def test_a_killed_expert_pool_is_recreated(sharded):
             time.sleep(1)
     assert ok[-1].finish_reason == "length"
     assert ray.get_actor(POOL_NAME, namespace=NAMESPACE)  # a new pool under the same name
+
+
+# ---- hostile values fail alone ---------------------------------------------------------------
+SESSION = "victim-session"  # the attack names the victim's session: prefix affinity sends both to one replica
+
+
+def _victim_request(request_id: str = "") -> pb.GenerateRequest:
+    return pb.GenerateRequest(text="tell me a long story", session_id=SESSION, request_id=request_id,
+                              sampling=pb.SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+
+
+class Stream(threading.Thread):
+    """A gRPC stream consumed in the background: its responses, or the error it ended with."""
+
+    def __init__(self, served, request):
+        super().__init__(daemon=True)
+        self.served, self.request = served, request
+        self.responses, self.error, self.started = [], None, threading.Event()
+
+    def run(self):
+        try:
+            for r in stub(self.served).Generate(self.request, timeout=90):
+                self.responses.append(r)
+                self.started.set()
+        except grpc.RpcError as e:
+            self.error = e
+        self.started.set()
+
+    def tokens(self) -> list[int]:
+        return [t for r in self.responses for t in r.token_ids]
+
+
+@pytest.fixture(scope="module")
+def victim_alone(sharded):
+    return [t for r in stub(sharded).Generate(_victim_request(), timeout=60) for t in r.token_ids]
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "user": "\udcff"}, "user"),
+    ("/v1/completions", {"prompt": "hi", "top_k": 2**63}, "top_k"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["\udcff"]}, "stop"),
+    ("/v1/completions", {"prompt": "hi\udcff"}, "prompt"),
+])
+def test_hostile_values_get_400_and_never_hurt_another_stream(sharded, victim_alone, path, body, field):
+    victim = Stream(sharded, _victim_request())
+    victim.start()
+    assert victim.started.wait(60)
+    raw = json.dumps({**body, "max_tokens": 8, "session_id": SESSION})  # ASCII: the surrogate stays an escape
+    r = httpx.post(sharded.http + path, content=raw, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]["message"]
+    victim.join(90)
+    assert victim.error is None, victim.error.details()
+    assert victim.tokens() == victim_alone
+    assert victim.responses[-1].finish_reason == "length"
+
+
+def test_equal_client_request_ids_never_collide(sharded, victim_alone):
+    """Clients numbering their requests "1", "2", ... reuse each other's ids: both requests run and
+    each echoes its id (the engine keys them with ids of its own)."""
+    first = Stream(sharded, _victim_request(request_id="1"))
+    first.start()
+    assert first.started.wait(60)
+    second = list(stub(sharded).Generate(_victim_request(request_id="1"), timeout=60))
+    first.join(90)
+    assert first.error is None, first.error.details()
+    for responses in (first.responses, second):
+        assert [t for r in responses for t in r.token_ids] == victim_alone
+        assert {r.request_id for r in responses} == {"1"}
+        assert responses[-1].finish_reason == "length"

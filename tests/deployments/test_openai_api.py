@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 
 import openai.types as oai_types
 import pytest
@@ -18,6 +19,7 @@ from PIL import Image
 from deployments import openai_api as oai
 from deployments.engine.output import RequestOutput
 from deployments.engine.params import SamplingParams
+from deployments.openai_schema import parse_chat_request, parse_completion_request, to_generation_request
 from deployments.request import ChatTurn, ImagePart
 from model.errors import InvalidInputError
 
@@ -316,3 +318,29 @@ def test_error_body_and_models_list():
     page = SyncPage[oai_types.Model].model_validate(d)
     assert page.object == "list" and [m.id for m in page.data] == ["herd-tiny", "herd-big"]
     assert all((m.object, m.created, m.owned_by) == ("model", CREATED, "herd") for m in page.data)
+
+
+@pytest.mark.parametrize("raw, field", [
+    ('{"messages": [{"role": "user", "content": "hi"}], "user": "\\udcff"}', "user"),
+    ('{"messages": [{"role": "user", "content": "h\\udcffi"}]}', "messages.0.content.0.text"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "session_id": "\\ud800"}', "session_id"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "stop": "\\udcff"}', "stop.0"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "model": "\\udcff"}', "model"),
+    ('{"prompt": "x\\udcff"}', "prompt"),
+])
+def test_lone_surrogates_are_rejected_naming_the_field(raw, field):
+    """JSON escapes can spell strings that are not encodable text; every one Herd uses is refused."""
+    body = json.loads(raw)
+    parse = parse_chat_request if "messages" in body else parse_completion_request
+    with pytest.raises(InvalidInputError, match=rf"{re.escape(field)} \(got .*\): is not valid Unicode text"):
+        parse(body)
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"top_k": 2**63}, "top_k"), ({"seed": 2**64}, "seed"), ({"max_tokens": 2**63}, "max_tokens"),
+    ({"stop_token_ids": [2**63]}, "stop_token_ids"),
+])
+def test_huge_integers_are_rejected_naming_the_field(extra, field):
+    req = parse_completion_request({"prompt": "hi", **extra})
+    with pytest.raises(InvalidInputError, match=rf"\b{field} \(got"):
+        to_generation_request(req, request_id="x")

@@ -57,6 +57,11 @@ def test_valid_edges_are_accepted():
     ({"stop": ["ok", ""]}, "stop"),
     ({"stop": "not a list"}, "stop"),
     ({"stop_token_ids": [3, -1]}, "stop_token_ids"),
+    ({"stop_token_ids": [3, 2**63]}, "stop_token_ids"),
+    ({"top_k": 2**63}, "top_k"),
+    ({"top_k": 2**31}, "top_k"),
+    ({"max_tokens": 2**63}, "max_tokens"),
+    ({"stop": ["ok", "\udcff"]}, "stop"),
 ])
 def test_bad_params_raise_invalid_input_naming_the_field(kwargs, field):
     with pytest.raises(InvalidInputError, match=rf"\b{field}\b") as info:

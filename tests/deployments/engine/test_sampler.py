@@ -187,3 +187,9 @@ def test_logprobs_are_of_the_raw_distribution():
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError, match="2 rows"):
         Sampler().sample(torch.zeros(2, 5), [params()], [None])
+
+
+def test_top_k_above_the_vocabulary_keeps_every_token():
+    """The largest top_k SamplingParams takes is clamped to the vocabulary (no int64 overflow)."""
+    probs = torch.softmax(LOGITS[None].repeat(2, 1), dim=-1)
+    assert torch.equal(truncate(probs, [params(top_k=2**31 - 1), params()]), probs)
