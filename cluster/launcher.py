@@ -645,12 +645,28 @@ def _deploy_checked(cfg: HerdConfig, new: State, replace_app: bool, say: Callabl
             _kill_pool()
         raise ClusterError(f"deploying {cfg.model} failed: {cause}")
     say(f"deploying {cfg.model} failed; restoring {previous['model']}")
-    try:
-        _deploy(previous, cfg.model_dump())
-    except RuntimeError:
-        raise ClusterError(f"deploying {cfg.model} failed: {cause}; restoring the previous config failed too: "
-                           f"{deploy_failure()}") from None
+    _restore(previous, cfg)
     raise ClusterError(f"deploying {cfg.model} failed: {cause}; herd still serves {previous['model']}")
+
+
+def _restore(previous: dict, failed: HerdConfig) -> None:
+    """Redeploy `previous` over the application that `failed` to deploy. Serve can still report the
+    failed application's status when the redeploy starts (seen on a loaded 2-core machine: the
+    redeploy "failed" with the broken checkpoint's error), so a second try deletes the application
+    first and deploys `previous` afresh (a short gap in serving rather than a broken app)."""
+    from ray import serve
+
+    for attempt in range(2):
+        try:
+            _deploy(previous, failed.model_dump())
+            return
+        except RuntimeError:
+            if attempt == 1:
+                raise ClusterError(f"deploying {failed.model} failed, and restoring the previous config failed "
+                                   f"too: {deploy_failure()}") from None
+            log.warning("restoring %s failed (%s); deleting the application and deploying it afresh",
+                        previous["model"], deploy_failure())
+            serve.delete(APP)
 
 
 def _kill_pool() -> None:
