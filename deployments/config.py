@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from deployments.engine.config import EngineConfig
 from deployments.redis_address import RedisAddress
 from deployments.routing.registry import REQUEST_ROUTERS
-from model.expert_kernel import expert_kernel
+from model.errors import check_known
+from model.expert_kernel import EXPERT_KERNELS
 
 
 class _Frozen(BaseModel):
@@ -39,8 +40,7 @@ class ExpertsConfig(_Frozen):
     @field_validator("kernel")
     @classmethod
     def _known_kernel(cls, kernel: str) -> str:
-        expert_kernel(kernel)  # ConfigError (a ValueError) naming the known kernels
-        return kernel
+        return check_known("expert kernel", kernel, EXPERT_KERNELS)
 
 
 class DeploymentOptions(_Frozen):
@@ -107,9 +107,7 @@ class RoutingConfig(_Frozen):
     @field_validator("policy")
     @classmethod
     def _known_policy(cls, policy: str) -> str:
-        if policy not in REQUEST_ROUTERS:
-            raise ValueError(f"unknown routing policy {policy!r}: choose one of {sorted(REQUEST_ROUTERS)}")
-        return policy
+        return check_known("routing policy", policy, REQUEST_ROUTERS)
 
 
 class HerdConfig(_Frozen):

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from model.errors import ConfigError
+from model.errors import check_known
 
 
 class ExpertKernel(Protocol):
@@ -42,7 +42,4 @@ EXPERT_KERNELS: dict[str, ExpertKernel] = {"reference": reference_kernel}
 
 def expert_kernel(name: str) -> ExpertKernel:
     """The kernel registered under `name`; ConfigError naming the known ones otherwise."""
-    try:
-        return EXPERT_KERNELS[name]
-    except KeyError:
-        raise ConfigError(f"unknown expert kernel {name!r}: choose one of {sorted(EXPERT_KERNELS)}") from None
+    return EXPERT_KERNELS[check_known("expert kernel", name, EXPERT_KERNELS)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from model.errors import check_known
+
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -34,6 +36,4 @@ class EngineConfig(BaseModel):
     def _known_backend(cls, name: str) -> str:
         from deployments.engine.attention.registry import ATTENTION_BACKENDS
 
-        if name not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {name!r}: choose one of {sorted(ATTENTION_BACKENDS)}")
-        return name
+        return check_known("attention backend", name, ATTENTION_BACKENDS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-from model.errors import ConfigError
+from model.errors import check_known
 
 ATTENTION_BACKENDS: dict[str, str] = {
     "reference": "deployments.engine.attention.reference:ReferenceBackend",
@@ -14,7 +14,5 @@ ATTENTION_BACKENDS: dict[str, str] = {
 
 def attention_backend(name: str) -> type:
     """The backend class registered under `name`; ConfigError naming the known ones otherwise."""
-    if name not in ATTENTION_BACKENDS:
-        raise ConfigError(f"unknown attention backend {name!r}: choose one of {sorted(ATTENTION_BACKENDS)}")
-    module, cls = ATTENTION_BACKENDS[name].split(":")
+    module, cls = ATTENTION_BACKENDS[check_known("attention backend", name, ATTENTION_BACKENDS)].split(":")
     return getattr(importlib.import_module(module), cls)
