@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -63,6 +64,34 @@ def herd_home() -> Path:
 
 def state_file() -> Path:
     return herd_home() / "up.json"
+
+
+def cache_secret_file() -> Path:
+    """`$HERD_HOME/cache-secret`: the secret that keys and authenticates the shared prefix cache's
+    Redis keys and values, made on first use (64 hex characters, mode 0600) and kept across runs
+    (a new secret means a cold cache). Only its path goes into the config the replicas get."""
+    path = herd_home() / "cache-secret"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".cache-secret.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    try:
+        os.link(tmp, path)  # atomic, and never replaces a secret another herd up made meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path
+
+
+def with_cache_secret(cfg: RedisConfig) -> RedisConfig:
+    """`cfg` with `secret_file` set to `cache_secret_file()` unless it names a secret already."""
+    if cfg.secret_env or cfg.secret_file:
+        return cfg
+    return cfg.model_copy(update={"secret_file": str(cache_secret_file())})
 
 
 @dataclass(frozen=True)
@@ -587,6 +616,8 @@ def up(cfg: HerdConfig, ports: dict[str, int] | None = None, replace_app: bool =
             cfg = cfg.model_copy(update={"redis": redis_cfg})
             if started_redis is not None:
                 new.redis_pid = started_redis
+        if cfg.redis is not None:
+            cfg = cfg.model_copy(update={"redis": with_cache_secret(cfg.redis)})
         new.redis_url = redact(cfg.redis.url) if cfg.redis else None
         if not head_running:
             new.ray_auth = head_auth_mode()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.engine.config import EngineConfig
 from deployments.redis_address import RedisAddress
@@ -70,6 +70,12 @@ class RedisConfig(_Frozen):
 
     url: str = Field(description="redis:// or rediss:// (TLS) URL, without credentials")
     password_env: str | None = Field(None, description="environment variable holding the password (never logged)")
+    secret_env: str | None = Field(
+        None, description="environment variable holding the secret that keys and authenticates the cached KV "
+        "(HMAC-SHA256; at least 16 bytes; never logged). The Helm chart sets it from a Secret")
+    secret_file: str | None = Field(
+        None, description="file holding that secret instead (herd up makes $HERD_HOME/cache-secret, mode 0600, and "
+        "sets this when neither is given)")
     ttl_s: int = Field(86400, ge=1, description="lifetime of a cached KV chunk")
     chunk_tokens: int = Field(256, ge=1, description="tokens per stored KV chunk (a multiple of engine.block_size)")
     fetch_policy: Literal["auto", "always", "never"] = Field(
@@ -86,6 +92,12 @@ class RedisConfig(_Frozen):
     def _url_is_redis(cls, url: str) -> str:
         RedisAddress.parse(url)  # scheme, no credentials
         return url
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> RedisConfig:
+        if self.secret_env and self.secret_file:
+            raise ValueError("redis: give secret_env or secret_file, not both")
+        return self
 
 
 class RoutingConfig(_Frozen):

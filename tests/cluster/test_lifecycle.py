@@ -108,6 +108,10 @@ def test_up_serves_and_records_what_it_started(herd):
     assert state["ray_started"] and state["ray_sid"] and state["redis_pid"]
     assert state["config"]["model"]
     assert len(generate(herd.ports["grpc"])) == 4
+    # the shared cache's secret: made in HERD_HOME, only its path in the deployed config
+    secret = herd.home / "cache-secret"
+    assert state["config"]["redis"]["secret_file"] == str(secret) and secret.stat().st_mode & 0o077 == 0
+    assert secret.read_text().strip() not in (herd.home / "up.json").read_text() + herd.up_output.stdout
 
 
 def test_up_again_with_the_same_config_does_nothing(herd, checkpoint):
