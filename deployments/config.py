@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.engine.config import EngineConfig
-from deployments.redis_address import RedisAddress
+from deployments.redis_address import CREDENTIALS_MESSAGE, RedisAddress, has_credentials, redact
 from deployments.routing.registry import REQUEST_ROUTERS
 from model.errors import check_known
 from model.expert_kernel import EXPERT_KERNELS
@@ -64,6 +64,10 @@ class VisionOptions(DeploymentOptions):
     cache_size: int = Field(256, ge=0, description="image embeddings kept by image hash")
 
 
+class _CredentialsRemoved(str):
+    """A Redis URL that carried credentials, with them removed (see RedisConfig)."""
+
+
 class RedisConfig(_Frozen):
     """The shared prefix cache (deployments/shared_cache). Redis itself should run with a `maxmemory`
     and `maxmemory-policy allkeys-lru` (what `herd up` and the Helm chart set): it is a cache."""
@@ -86,6 +90,23 @@ class RedisConfig(_Frozen):
     cooldown_s: float = Field(5.0, gt=0, description="how long Redis is skipped after failures before a retry")
     max_inflight_mb: int = Field(256, ge=1, description="write-back bytes queued at most; more are dropped")
     maxmemory: str = Field("2gb", description="maxmemory of the redis-server that `herd up` starts")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _credentials_never_echoed(cls, data):
+        """A URL with credentials is refused, and its credentials are removed first: validation
+        errors (herd up's message, Serve's deploy log) repeat the value they refused."""
+        url = data.get("url") if isinstance(data, dict) else None
+        if isinstance(url, str) and has_credentials(url):
+            data = {**data, "url": _CredentialsRemoved(redact(url))}
+        return data
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _no_credentials(cls, url):
+        if isinstance(url, _CredentialsRemoved):
+            raise ValueError(CREDENTIALS_MESSAGE)
+        return url
 
     @field_validator("url")
     @classmethod

@@ -2,14 +2,18 @@
 open the circuit breaker, and reconnection."""
 
 import asyncio
+import logging
 import os
 import time
 
 import pytest
+from pydantic import ValidationError
 
+from deployments.config import HerdConfig
+from deployments.engine.validation import describe_validation_error
 from deployments.redis_address import RedisAddress, redact
 from deployments.shared_cache.store import Breaker, RedisKVStore
-from tests.cluster.conftest import RedisServer
+from tests.cluster.conftest import RedisServer, free_port
 
 
 @pytest.fixture
@@ -73,8 +77,32 @@ def test_breaker_probes_once_per_cooldown():
 
 def test_urls_never_carry_credentials():
     assert redact("redis://user:pw@host:6380/0") == "redis://host:6380/0"
+    assert redact("redis://host:6380/0?password=pw") == "redis://host:6380/0?password=REDACTED"
+    assert redact("rediss://u:pw@h/1?Password=pw&socket_timeout=2&user=u") == \
+        "rediss://h/1?Password=REDACTED&socket_timeout=2&user=REDACTED"
+    assert redact("redis://host:6380/0?socket_timeout=2") == "redis://host:6380/0?socket_timeout=2"
     assert RedisAddress.parse("rediss://cache:6380/2") == RedisAddress("cache", 6380, 2, True)
-    with pytest.raises(ValueError, match="password_env"):
-        RedisAddress.parse("redis://:pw@host")
+    for url in ("redis://:pw@host", "redis://host/0?password=pw", "redis://host?auth=pw"):
+        with pytest.raises(ValueError, match="password_env"):
+            RedisAddress.parse(url)
     with pytest.raises(ValueError, match="redis://"):
         RedisAddress.parse("http://host")
+
+
+@pytest.mark.parametrize("url", ["redis://:sekrit-pw@host:6379/0", "redis://host:6379/0?password=sekrit-pw",
+                                 "redis://admin:sekrit-pw@host/0?password=sekrit-pw"])
+def test_a_config_error_never_repeats_the_password(url):
+    """What `herd up` prints and Serve logs for a refused config names the field, not the secret."""
+    with pytest.raises(ValidationError) as info:
+        HerdConfig.model_validate({"model": "m", "redis": {"url": url}})
+    assert "sekrit" not in str(info.value) and "sekrit" not in describe_validation_error(info.value)
+    assert "redis.url" in describe_validation_error(info.value)
+    assert "password_env" in describe_validation_error(info.value)
+
+
+def test_store_logs_never_carry_the_password(caplog):
+    store = RedisKVStore(f"redis://127.0.0.1:{free_port()}/0", "sekrit-pw", timeout_s=0.2)
+    with caplog.at_level(logging.DEBUG):
+        assert store.get_many_blocking(["k"]) is None and store.get_many_blocking(["k"]) is None
+    store.close()
+    assert "unavailable" in caplog.text and "sekrit" not in caplog.text
