@@ -28,3 +28,15 @@ def test_herd_up_fills_in_the_secret_file_unless_one_is_named(tmp_path, monkeypa
     read_secret(filled)  # what a replica reads
     named = RedisConfig(url="redis://127.0.0.1:6379", secret_env="MY_SECRET")
     assert with_cache_secret(named) is named
+
+
+def test_deleting_the_secret_file_rotates_it(tmp_path, monkeypatch):
+    """What docs/OPERATIONS.md says: delete the file, `herd up --replace` the same config."""
+    monkeypatch.setenv("HERD_HOME", str(tmp_path))
+    deployed = with_cache_secret(RedisConfig(url="redis://127.0.0.1:6379"))
+    old = (tmp_path / "cache-secret").read_text()
+    (tmp_path / "cache-secret").unlink()
+    again = with_cache_secret(deployed)
+    assert again == deployed and (tmp_path / "cache-secret").read_text() != old
+    own = RedisConfig(url="redis://127.0.0.1:6379", secret_file=str(tmp_path / "mine"))
+    assert with_cache_secret(own) is own and not (tmp_path / "mine").exists()  # never made for the user
