@@ -32,6 +32,23 @@ CASES = {
         "--set", "routerService.autoscaling.enabled=true",
         "--set", "autoscaler.version=v2",
         "--set", "imagePullSecrets[0].name=regcred",
+        "--set", "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.name=monitoring",
+        "--set", "networkPolicy.clients[0].namespaceSelector.matchLabels.team=apps",
+        "--set", "networkPolicy.dashboardFrom[0].podSelector.matchLabels.role=admin",
+        "--set", "dashboard.service=true",
+        "--set", "raySecurityContext.tmpSizeLimit=50Gi",
+    ],
+    "existing-secrets": [
+        "--set", "rayAuth.existingSecret=my-ray-token",
+        "--set", "redis.cacheSecret.existingSecret=my-cache-secret",
+        "--set", "redis.cacheSecret.existingSecretKey=key",
+        "--set", "redis.auth.existingSecret=my-redis-auth",
+    ],
+    "opted-out": [
+        "--set", "rayAuth.enabled=false",
+        "--set", "networkPolicy.enabled=false",
+        "--set", "raySecurityContext.readOnlyRootFilesystem=false",
+        "--set", "autoscaler.enabled=false",
     ],
     "external-redis": [
         "-f", str(CHART_DIR / "values-multinode.yaml"),

@@ -18,6 +18,12 @@ capabilities:
   drop: ["ALL"]
 {{- end -}}
 
+{{/* Ray containers: also a read-only root filesystem (writes go to the emptyDirs of herd.ray.volumes). */}}
+{{- define "herd.ray.containerSecurityContext" -}}
+{{ include "herd.containerSecurityContext" . }}
+readOnlyRootFilesystem: {{ .Values.raySecurityContext.readOnlyRootFilesystem }}
+{{- end -}}
+
 {{- define "herd.ray.env" -}}
 # MoE dispatches (a few MiB of hidden states) travel inline in the task RPC, not via the object store.
 - name: RAY_max_direct_call_object_size
@@ -25,6 +31,12 @@ capabilities:
 {{- if .Values.redis.auth.enabled }}
 {{ include "herd.redis.passwordEnv" (dict "root" . "name" "REDIS_PASSWORD") }}
 {{- end }}
+# The shared prefix cache's secret (redis.secret_env in the Serve config).
+- name: HERD_CACHE_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "herd.cacheSecret.name" . }}
+      key: {{ include "herd.cacheSecret.key" . }}
 {{- with .Values.rayExtraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -79,6 +91,10 @@ livenessProbe:
 {{- define "herd.ray.volumeMounts" -}}
 - name: dshm
   mountPath: /dev/shm
+- name: tmp
+  mountPath: /tmp
+- name: cache
+  mountPath: /home/ray/.cache
 {{- if .mountModel }}
 - name: model
   mountPath: {{ .root.Values.model.mountPath }}
@@ -92,6 +108,16 @@ livenessProbe:
   emptyDir:
     medium: Memory
     sizeLimit: {{ .shmSize }}
+# Ray's session directory (/tmp/ray: sockets, logs, spilled objects) and other scratch files.
+- name: tmp
+  {{- with .root.Values.raySecurityContext.tmpSizeLimit }}
+  emptyDir:
+    sizeLimit: {{ . }}
+  {{- else }}
+  emptyDir: {}
+  {{- end }}
+- name: cache
+  emptyDir: {}
 {{- if .mountModel }}
 - name: model
   {{- if eq $model.source "pvc" }}
