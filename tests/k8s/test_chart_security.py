@@ -212,3 +212,6 @@ def test_read_only_root_filesystems_with_writable_scratch(renders, case):
                 assert "emptyDir" in volumes[mounts[path]], (where, path)
             if case == "options":
                 assert volumes[mounts["/tmp"]]["emptyDir"] == {"sizeLimit": "50Gi"}
+            if read_only:  # JIT caches that would default to the read-only $HOME
+                env = {e["name"]: e.get("value", "") for e in c["env"]}
+                assert all(env[n].startswith("/home/ray/.cache/") for n in ("CUDA_CACHE_PATH", "TRITON_CACHE_DIR"))

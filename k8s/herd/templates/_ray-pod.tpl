@@ -28,6 +28,13 @@ readOnlyRootFilesystem: {{ .Values.raySecurityContext.readOnlyRootFilesystem }}
 # MoE dispatches (a few MiB of hidden states) travel inline in the task RPC, not via the object store.
 - name: RAY_max_direct_call_object_size
   value: "4194304"
+{{- if .Values.raySecurityContext.readOnlyRootFilesystem }}
+# JIT caches that default to read-only places under $HOME: into the writable cache emptyDir.
+- name: CUDA_CACHE_PATH
+  value: /home/ray/.cache/nv
+- name: TRITON_CACHE_DIR
+  value: /home/ray/.cache/triton
+{{- end }}
 {{- if .Values.redis.auth.enabled }}
 {{ include "herd.redis.passwordEnv" (dict "root" . "name" "REDIS_PASSWORD") }}
 {{- end }}
