@@ -112,6 +112,7 @@ def test_named_clients_and_dashboard_users(renders):
     app = pod({"app": "frontend"}, "apps", {"team": "apps"})
     assert all(allowed(docs, worker, app, p) for p in SERVE_PORTS)
     assert not any(allowed(docs, worker, OUTSIDER, p) for p in SERVE_PORTS)  # only the named clients now
+    assert all(allowed(docs, worker, OPERATOR, p) for p in SERVE_PORTS)  # and the operator (proxy health)
     admin = pod({"role": "admin"})
     assert allowed(docs, ray_pods(docs)[0], admin, 8265) and not allowed(docs, ray_pods(docs)[0], admin, 6379)
 
