@@ -1,7 +1,11 @@
-"""One mapping from what went wrong to what the client sees: gRPC status + HTTP status + message."""
+"""One mapping from what went wrong to what the client sees: gRPC status + HTTP status + message.
+An internal error's text (a stack's exception: paths, addresses, whatever it carried) goes to the
+log under an incident id; the client gets the id, never the text."""
 
 from __future__ import annotations
 
+import logging
+import uuid
 from dataclasses import dataclass
 
 import grpc
@@ -13,6 +17,7 @@ from deployments.expert_shard import ExpertsUnavailable
 from deployments.openai_schema import BodyTooLarge
 from model.errors import InvalidInputError
 
+log = logging.getLogger(__name__)
 
 class ModelNotFound(LookupError):
     """The request names a model this cluster does not serve."""
@@ -49,4 +54,7 @@ def classify(error: BaseException) -> ClientError:
     if isinstance(err, unavailable) or "unavailable" in message.lower():
         return ClientError(grpc.StatusCode.UNAVAILABLE, 503, "service_unavailable",
                            f"a part of the cluster is unavailable, retry: {message}")
-    return ClientError(grpc.StatusCode.INTERNAL, 500, "internal_error", f"internal error: {message}")
+    incident = uuid.uuid4().hex[:12]
+    log.error("internal error, incident %s: %s: %s", incident, type(err).__name__, message, exc_info=err)
+    return ClientError(grpc.StatusCode.INTERNAL, 500, "internal_error",
+                       f"internal error (incident {incident}: the server's log has the details)")
