@@ -7,9 +7,10 @@ so a key names exactly one prefix of one tenant on one model with one KV layout,
 secret nobody can compute which key holds which prefix.
 
 Value: `MAGIC | u32 header length | header (JSON) | payload | tag`. The header repeats the key's
-facts (model, layout, digest, chunk index) and the shape and dtype of each KV group's tensor; the
-payload is those tensors back to back; the tag is HMAC-SHA256(MAC secret, key | everything before
-the tag), so a value cannot be forged, altered or moved to another key without the secret. `decode`
+facts (model, layout, chunk index; not the chunk digest, which would let a reader of Redis test
+guesses of a prompt) and the shape and dtype of each KV group's tensor; the payload is those tensors
+back to back; the tag is HMAC-SHA256(MAC secret, key | everything before the tag), so a value cannot
+be forged, altered or moved to another key (another chunk) without the secret. `decode`
 checks the tag first, then everything else against what the reader expects: a value that is forged,
 truncated, corrupt, written with another secret, for another model or layout, or stored under the
 wrong key raises `CorruptChunk` and is treated as a miss; it never reaches the KV cache.
@@ -119,8 +120,8 @@ class Namespace:
 
 def encode(ns: Namespace, chunk: KVChunk) -> bytearray:
     groups = {name: list(t.shape) for name, t in chunk.kv.items()}
-    header = json.dumps({"model": ns.model, "layout": ns.layout.id, "digest": chunk.digest.hex(),
-                         "index": chunk.index, "dtype": ns.layout.dtype, "groups": groups}).encode()
+    header = json.dumps({"model": ns.model, "layout": ns.layout.id, "index": chunk.index,
+                         "dtype": ns.layout.dtype, "groups": groups}).encode()
     size = chunk.nbytes
     out = bytearray(len(MAGIC) + 4 + len(header) + size + TAG_BYTES)
     offset = len(MAGIC) + 4 + len(header)
@@ -159,7 +160,7 @@ def decode(ns: Namespace, value: bytes | bytearray, digest: bytes, index: int) -
         raise CorruptChunk("foreign_model", "the value was written by another model")
     if header.get("layout") != ns.layout.id or header.get("dtype") != ns.layout.dtype:
         raise CorruptChunk("layout", "the value has another KV layout")
-    if header.get("digest") != digest.hex() or header.get("index") != index:
+    if header.get("index") != index:
         raise CorruptChunk("header", "the value belongs to another chunk")
     known = {name for name, _, _ in ns.layout.groups}
     if not groups or not set(groups) <= known or any(groups[g] != ns.layout.shape(g) for g in groups):

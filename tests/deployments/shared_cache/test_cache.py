@@ -133,12 +133,14 @@ def test_another_secret_neither_hits_nor_reads(written, server, secret_file, mon
     assert tier.stats.integrity_failures == {}
 
 
-def test_keys_in_redis_do_not_name_the_prefix(written, server, secret_file):
-    """No stored key contains a chunk digest (what anyone can compute from a prompt)."""
+def test_redis_does_not_name_the_prefix(written, server, secret_file):
+    """No stored key or value contains a chunk digest (what anyone can compute from a guessed prompt)."""
     engine, _ = engine_and_tier(written, server.url, secret_file, fetch_policy="never")
     digests, _ = engine.prefix_chunks(DOC + [2])
-    keys = b" ".join(server.client().keys("herd:kv:*"))
-    assert keys and not any(d.hex().encode() in keys for d in digests)
+    client = server.client()
+    keys = client.keys("herd:kv:*")
+    stored = b" ".join(keys) + b" ".join(client.mget(keys))
+    assert keys and not any(d.hex().encode() in stored or d in stored for d in digests)
 
 
 @pytest.mark.parametrize("setting, value, message", [

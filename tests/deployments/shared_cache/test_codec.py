@@ -45,6 +45,12 @@ def test_keys_separate_models_layouts_prefixes_and_secrets():
     assert len(keys) == 6
 
 
+def test_a_value_does_not_name_its_prefix():
+    ns = namespace()
+    value = bytes(encode(ns, chunk(ns)))
+    assert DIGEST.hex().encode() not in value and DIGEST not in value
+
+
 def test_a_key_cannot_be_computed_from_public_facts():
     """Without the secret, the digest and the model's facts do not give the key: neither the old
     unkeyed form nor any plain hash of them appears in it."""
