@@ -91,10 +91,10 @@ def with_cache_secret(cfg: RedisConfig) -> RedisConfig:
     """`cfg` with `secret_file` set to `cache_secret_file()` unless it names another secret (a
     config that names herd's own file, as a redeployed one does, gets a new file if it was deleted:
     how the secret is rotated)."""
-    default = herd_home() / "cache-secret"
-    if cfg.secret_env or (cfg.secret_file and Path(cfg.secret_file) != default):
+    default = (herd_home() / "cache-secret").resolve()  # absolute: the replicas run in other directories
+    if cfg.secret_env or (cfg.secret_file and Path(cfg.secret_file).resolve() != default):
         return cfg
-    return cfg.model_copy(update={"secret_file": str(cache_secret_file())})
+    return cfg.model_copy(update={"secret_file": str(cache_secret_file().resolve())})
 
 
 @dataclass(frozen=True)

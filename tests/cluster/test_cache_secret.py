@@ -40,3 +40,11 @@ def test_deleting_the_secret_file_rotates_it(tmp_path, monkeypatch):
     assert again == deployed and (tmp_path / "cache-secret").read_text() != old
     own = RedisConfig(url="redis://127.0.0.1:6379", secret_file=str(tmp_path / "mine"))
     assert with_cache_secret(own) is own and not (tmp_path / "mine").exists()  # never made for the user
+
+
+def test_a_relative_herd_home_still_gives_the_replicas_an_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HERD_HOME", "home")
+    filled = with_cache_secret(RedisConfig(url="redis://127.0.0.1:6379"))
+    assert filled.secret_file == str(tmp_path / "home" / "cache-secret")
+    assert with_cache_secret(filled) == filled
