@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.engine.config import EngineConfig
-from deployments.redis_address import RedisAddress
+from deployments.redis_address import RedisAddress, has_credentials, redact
 from deployments.routing.registry import REQUEST_ROUTERS
 from model.errors import check_known
 from model.expert_kernel import EXPERT_KERNELS
@@ -64,6 +64,9 @@ class VisionOptions(DeploymentOptions):
     cache_size: int = Field(256, ge=0, description="image embeddings kept by image hash")
 
 
+_CREDENTIALS_REMOVED = "[credentials removed] "
+
+
 class RedisConfig(_Frozen):
     """The shared prefix cache (deployments/shared_cache). Redis itself should run with a `maxmemory`
     and `maxmemory-policy allkeys-lru` (what `herd up` and the Helm chart set): it is a cache."""
@@ -81,9 +84,21 @@ class RedisConfig(_Frozen):
     max_inflight_mb: int = Field(256, ge=1, description="write-back bytes queued at most; more are dropped")
     maxmemory: str = Field("2gb", description="maxmemory of the redis-server that `herd up` starts")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _hide_credentials(cls, data):
+        """A URL carrying a password is refused without being echoed: validation errors show their
+        input, so the URL is replaced by its redacted form (marked) before the field is checked."""
+        if isinstance(data, dict) and isinstance(data.get("url"), str) and has_credentials(data["url"]):
+            data = {**data, "url": _CREDENTIALS_REMOVED + redact(data["url"])}
+        return data
+
     @field_validator("url")
     @classmethod
     def _url_is_redis(cls, url: str) -> str:
+        if url.startswith(_CREDENTIALS_REMOVED):
+            raise ValueError("put the Redis password in the environment variable named by redis.password_env, "
+                             "not in the URL")
         RedisAddress.parse(url)  # scheme, no credentials
         return url
 
