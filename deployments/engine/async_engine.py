@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from deployments.engine.engine import Engine
+from deployments.engine.engine import Engine, EngineOverloaded
 from deployments.engine.kv_transfer import KVChunk
 from deployments.engine.liveness import Heartbeat
 from deployments.engine.output import RequestOutput
@@ -60,6 +60,9 @@ class AsyncEngine:
         should not pass them here (the Ingress gives every request its own engine id)."""
         if request_id in self._queues:  # checked and claimed with no await in between
             raise InvalidInputError(f"request_id {request_id!r} is already running")
+        waiting = len(self.engine.scheduler.waiting)  # read off the engine thread: a fast refusal, not the rule
+        if waiting >= self.engine.config.max_waiting:  # (add_request checks again on the engine thread)
+            raise EngineOverloaded(f"{waiting} requests are already waiting; retry later")
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._run())
         queue: asyncio.Queue = asyncio.Queue()
