@@ -13,10 +13,12 @@ restarts it) and at `--redis-restart-at` the redis-server is killed and started 
 - resident memory of the herd processes (Serve replicas, expert shards) after warm-up vs the end;
 - p50 / p99 time to first token and inter-token latency per `--bucket-s` (60 s) of the run.
 
-Overload (`--mode overload`): `--overload-factor` (8) x the cluster's capacity sent at once as
-streaming requests; every refusal must come as HTTP 429 / gRPC RESOURCE_EXHAUSTED in under 100 ms,
-and every accepted request must complete. Capacity: router-service replicas x max_ongoing_requests +
-the handle's max_queued_requests (with `--start`, from the overload config below; else `--capacity`).
+Overload (`--mode overload`): `--overload-factor` (8) x the cluster's capacity as streaming
+requests: `capacity` long ones fill it, the rest arrive one every `--overload-gap-ms` while those
+run; every refusal must come as HTTP 429 / gRPC RESOURCE_EXHAUSTED in under 100 ms (send -> status,
+measured by the client), and every accepted request must complete. Capacity: router-service
+replicas x max_ongoing_requests + the handle's max_queued_requests (with `--start`, from the
+overload config below, whose Ingress door admits about as many; else `--capacity`).
 
     # start a cluster of its own (`herd up` on free ports, its own HERD_HOME, sharded experts, a local
     # redis-server), run both modes, stop it:
@@ -485,12 +487,13 @@ def report_soak(args, results: list[Result], faults: dict, rss_samples, idle: di
 
 # ---- the overload run ----------------------------------------------------------------------------
 
-# The Ingress's own Serve limits are the door: beyond them Serve's proxy refuses before any work
-# (no body read, no tokenizing); behind it the router service's queue and the engine's max_waiting.
+# The engine holds max_num_seqs + max_waiting = the router service's max_ongoing_requests, 4 more
+# wait in the Ingress's handle: 12 accepted. The Ingress's own Serve limits are the door: beyond them
+# Serve's proxy refuses before any work (no body read, no tokenizing).
 OVERLOAD_CONFIG = dict(
     ingress={"max_ongoing_requests": 12, "max_queued_requests": 2},
     router_service={"num_replicas": 1, "max_ongoing_requests": 8, "max_queued_requests": 4},
-    engine={"max_num_seqs": 4, "max_waiting": 2},
+    engine={"max_num_seqs": 4, "max_waiting": 4},
 )
 
 
@@ -500,26 +503,44 @@ def overload_capacity(config: dict) -> int:
 
 
 async def overload(args, clients: Clients, capacity: int) -> bool:
+    """`capacity` long streams fill the cluster; then the other (factor - 1) x capacity requests
+    arrive one every `--overload-gap-ms` while those run: each must be refused at once (or, when a
+    slot freed up, accepted and completed)."""
     n = args.overload_factor * capacity
     rng = random.Random(args.seed + 1)
     system = document(rng, args.doc_words // 4)
+
+    def send(k: int, max_tokens: int) -> asyncio.Task:
+        return asyncio.create_task(clients.request("grpc" if k % 2 else "http", system, f"Question {k}?", None,
+                                                   max_tokens, None, k))
+
     start = time.monotonic()
-    results = await asyncio.gather(*[
-        clients.request("grpc" if k % 2 else "http", system, f"Question {k}?", None, args.overload_max_tokens, None, k)
-        for k in range(n)])
+    filling = [send(k, args.overload_max_tokens * 4) for k in range(capacity)]
+    await asyncio.sleep(args.overload_fill_s)  # the first ones are admitted and streaming
+    excess = []
+    for k in range(capacity, n):
+        excess.append(send(k, args.overload_max_tokens))
+        await asyncio.sleep(args.overload_gap_ms / 1000)
+    results = await asyncio.gather(*filling, *excess)
     wall = time.monotonic() - start
     refused = [r for r in results if r.outcome == "refused"]
     accepted = [r for r in results if r.outcome != "refused"]
     failed = [r for r in accepted if r.outcome != "ok"]
     times = [r.first_answer_s for r in refused if r.first_answer_s is not None]
     slow = [t for t in times if t >= REFUSAL_BUDGET_S]
-    print(f"\n== overload: {n} streaming requests at once ({args.overload_factor} x capacity {capacity}), "
-          f"{wall:.1f} s")
+    print(f"\n== overload: {n} streaming requests ({args.overload_factor} x capacity {capacity}): {capacity} to fill "
+          f"it, then one every {args.overload_gap_ms:g} ms; {wall:.1f} s")
     print(f"  refused (429 / RESOURCE_EXHAUSTED): {len(refused)} "
           f"(http {sum(r.api == 'http' for r in refused)}, grpc {sum(r.api == 'grpc' for r in refused)})")
     if times:
         print(f"  time to refusal: p50 {percentile(times, 50) * 1000:.0f} ms, p99 {percentile(times, 99) * 1000:.0f} "
               f"ms, max {max(times) * 1000:.0f} ms; at or over {REFUSAL_BUDGET_S * 1000:.0f} ms: {len(slow)}")
+    for source, match in (("Serve's proxy (the Ingress door is full)", "Request dropped due to backpressure"),
+                          ("the Ingress (the router service's queue is full)", "the cluster is at capacity"),
+                          ("the engine (engine.max_waiting)", "already waiting")):
+        by = [r.first_answer_s for r in refused if match in r.message and r.first_answer_s is not None]
+        if by:
+            print(f"    by {source}: {len(by)}, p50 {percentile(by, 50) * 1000:.0f} ms, max {max(by) * 1000:.0f} ms")
     print(f"  accepted: {len(accepted)}, completed {len(accepted) - len(failed)}, failed {len(failed)}")
     for r in failed[:5]:
         print(f"    {r.api} {r.outcome} {r.status}: {r.message}")
@@ -558,7 +579,10 @@ def main() -> int:
     p.add_argument("--request-timeout", type=float, default=300, help="a request longer than this counts as hung")
     p.add_argument("--capacity", type=int, help="overload without --start: requests the cluster accepts at once")
     p.add_argument("--overload-factor", type=int, default=8)
-    p.add_argument("--overload-max-tokens", type=int, default=32)
+    p.add_argument("--overload-max-tokens", type=int, default=32, help="tokens of an excess request (the filling "
+                   "ones: 4x this)")
+    p.add_argument("--overload-fill-s", type=float, default=3.0, help="wait after filling before the excess")
+    p.add_argument("--overload-gap-ms", type=float, default=20.0, help="between two excess requests")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.fault_server:

@@ -60,9 +60,7 @@ class AsyncEngine:
         should not pass them here (the Ingress gives every request its own engine id)."""
         if request_id in self._queues:  # checked and claimed with no await in between
             raise InvalidInputError(f"request_id {request_id!r} is already running")
-        waiting = len(self.engine.scheduler.waiting)  # read off the engine thread: a fast refusal, not the rule
-        if waiting >= self.engine.config.max_waiting:  # (add_request checks again on the engine thread)
-            raise EngineOverloaded(f"{waiting} requests are already waiting; retry later")
+        self.check_admission()
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._run())
         queue: asyncio.Queue = asyncio.Queue()
@@ -92,6 +90,13 @@ class AsyncEngine:
             if added and not finished:
                 await self._call(self.engine.abort, request_id)
                 self._wake.set()  # freed blocks may let a waiting request start
+
+    def check_admission(self) -> None:
+        """EngineOverloaded at once when engine.max_waiting requests wait already: read off the engine
+        thread (which may be busy with a step), so a fast refusal; add_request checks again there."""
+        waiting = len(self.engine.scheduler.waiting)
+        if waiting >= self.engine.config.max_waiting:
+            raise EngineOverloaded(f"{waiting} requests are already waiting; retry later")
 
     async def _run(self) -> None:
         while True:
