@@ -210,18 +210,22 @@ class Ingress:
 
     # ---- gRPC --------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context):  # noqa: N802 (gRPC method name)
+        req = None
         try:
-            async for delta in self.stream(self._grpc_request(request)):
+            req = self._grpc_request(request)
+            async for delta in self.stream(req):
                 yield response_from_output(delta)
         except Exception as e:  # every failure becomes a status code
-            _set_grpc_error(grpc_context, e, request.request_id)
+            _set_grpc_error(grpc_context, e, req.request_id if req else request.request_id)
             raise
 
     async def GenerateUnary(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:  # noqa: N802
+        req = None
         try:
-            return response_from_output(join_outputs([d async for d in self.stream(self._grpc_request(request))]))
+            req = self._grpc_request(request)
+            return response_from_output(join_outputs([d async for d in self.stream(req)]))
         except Exception as e:
-            _set_grpc_error(grpc_context, e, request.request_id)
+            _set_grpc_error(grpc_context, e, req.request_id if req else request.request_id)
             raise
 
     async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:  # noqa: N802
