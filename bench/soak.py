@@ -535,12 +535,19 @@ async def overload(args, clients: Clients, capacity: int) -> bool:
     if times:
         print(f"  time to refusal: p50 {percentile(times, 50) * 1000:.0f} ms, p99 {percentile(times, 99) * 1000:.0f} "
               f"ms, max {max(times) * 1000:.0f} ms; at or over {REFUSAL_BUDGET_S * 1000:.0f} ms: {len(slow)}")
-    for source, match in (("Serve's proxy (the Ingress door is full)", "Request dropped due to backpressure"),
-                          ("the Ingress (the router service's queue is full)", "the cluster is at capacity"),
-                          ("the engine (engine.max_waiting)", "already waiting")):
-        by = [r.first_answer_s for r in refused if match in r.message and r.first_answer_s is not None]
+    def source(r: Result) -> str:  # the Ingress's message quotes Serve's, so it is matched first
+        if "the cluster is at capacity" in r.message:
+            return "the Ingress (the router service's queue is full)"
+        if "already waiting" in r.message:
+            return "the engine (engine.max_waiting)"
+        if "backpressure" in r.message:
+            return "Serve's proxy (the Ingress door is full)"
+        return "unknown"
+
+    for where in sorted({source(r) for r in refused}):
+        by = [r.first_answer_s for r in refused if source(r) == where and r.first_answer_s is not None]
         if by:
-            print(f"    by {source}: {len(by)}, p50 {percentile(by, 50) * 1000:.0f} ms, max {max(by) * 1000:.0f} ms")
+            print(f"    by {where}: {len(by)}, p50 {percentile(by, 50) * 1000:.0f} ms, max {max(by) * 1000:.0f} ms")
     print(f"  accepted: {len(accepted)}, completed {len(accepted) - len(failed)}, failed {len(failed)}")
     for r in failed[:5]:
         print(f"    {r.api} {r.outcome} {r.status}: {r.message}")
