@@ -144,6 +144,9 @@ class RoutingConfig(_Frozen):
         return check_known("routing policy", policy, REQUEST_ROUTERS)
 
 
+SERVING_MAX_WAITING = 128  # engine.max_waiting when served, unless set: below router_service.max_ongoing_requests
+
+
 class HerdConfig(_Frozen):
     model: str = Field(description="checkpoint directory (Hugging Face layout)")
     served_model_name: str | None = Field(None, description="the model id clients name (default: directory name)")
@@ -158,6 +161,19 @@ class HerdConfig(_Frozen):
     routing: RoutingConfig = Field(
         default_factory=RoutingConfig, description="how the Ingress picks the router-service replica of each request"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _serving_max_waiting(cls, data):
+        """Served, the engine refuses beyond SERVING_MAX_WAITING waiting requests unless the config says
+        otherwise (EngineConfig's own default, 4096, suits offline batches, not a Serve replica)."""
+        if isinstance(data, dict):
+            engine = data.get("engine")
+            if engine is None:
+                data = {**data, "engine": {"max_waiting": SERVING_MAX_WAITING}}
+            elif isinstance(engine, dict) and "max_waiting" not in engine:
+                data = {**data, "engine": {**engine, "max_waiting": SERVING_MAX_WAITING}}
+        return data
 
     @model_validator(mode="after")
     def _back_pressure_reachable(self) -> HerdConfig:

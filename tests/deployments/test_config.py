@@ -63,3 +63,13 @@ def test_back_pressure_is_consistent_and_reachable():
     for opts in (cfg.ingress, cfg.router_service, cfg.vision):
         options = _options(opts)
         assert options["max_queued_requests"] == 64 and options["backpressure_config"].status_code == 429
+
+
+def test_served_engines_default_to_a_reachable_max_waiting():
+    from deployments.config import SERVING_MAX_WAITING
+    from deployments.engine.config import EngineConfig
+
+    assert HerdConfig.model_validate({"model": "m"}).engine.max_waiting == SERVING_MAX_WAITING
+    assert HerdConfig.model_validate({"model": "m", "engine": {"max_num_seqs": 8}}).engine.max_waiting == 128
+    assert HerdConfig.model_validate({"model": "m", "engine": {"max_waiting": 7}}).engine.max_waiting == 7
+    assert EngineConfig().max_waiting == 4096  # offline batches (Engine.generate, benchmarks) are not capped
