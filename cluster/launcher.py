@@ -54,7 +54,9 @@ APP = "herd"
 NAMESPACE = "herd"
 # MoE dispatches (hidden states of a batch: up to a few MiB) go inline in the task RPC instead of
 # through the object store (Ray's default limit is 100 KiB); the Helm chart sets the same.
-RAY_ENV = {"RAY_max_direct_call_object_size": str(4 << 20)}
+# Serve's gRPC proxy reads messages up to 2 GiB by default: 64 MiB here (the Ingress then refuses
+# those above limits.max_body_bytes, 32 MiB by default, with INVALID_ARGUMENT); the chart sets the same.
+RAY_ENV = {"RAY_max_direct_call_object_size": str(4 << 20), "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(64 << 20)}
 
 
 def herd_home() -> Path:

@@ -47,21 +47,41 @@ class DeploymentOptions(_Frozen):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
-    max_ongoing_requests: int = Field(256, ge=1)
+    max_ongoing_requests: int = Field(256, ge=1, description="requests a replica runs at once (Serve)")
+    max_queued_requests: int = Field(
+        64, ge=-1, description="requests waiting for a replica of this deployment (in each caller); more are refused "
+        "at once with HTTP 429 / RESOURCE_EXHAUSTED. -1: no limit (Serve's default)")
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _serve_queue(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("must be -1 (no limit) or at least 1 (Serve's rule)")
+        return v
 
 
 class LimitsConfig(_Frozen):
     max_images_per_request: int = Field(8, ge=0)
     max_image_bytes: int = Field(20 * 2**20, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
-    max_body_bytes: int = Field(32 * 2**20, ge=1, description="largest HTTP request body (larger: 413); room for one "
-                                "image of max_image_bytes as base64")
+    max_body_bytes: int = Field(32 * 2**20, ge=1, description="largest HTTP request body (larger: 413) and gRPC "
+                                "request message; room for one image of max_image_bytes as base64")
+    max_prompt_chars: int = Field(2_000_000, ge=1, description="characters of prompt text (completion prompt, or "
+                                  "all chat messages' text) accepted before tokenizing; more: 400 / INVALID_ARGUMENT")
+    request_timeout_s: float = Field(600.0, gt=0, description="a request still running after this long is cancelled "
+                                     "(its KV freed) and answered with 504 / DEADLINE_EXCEEDED")
+    stream_idle_timeout_s: float = Field(120.0, gt=0, description="a request that produced nothing for this long "
+                                         "(waiting for admission included) is cancelled the same way")
+    prep_threads: int = Field(4, ge=1, description="threads per Ingress replica that decode bodies, tokenize and "
+                              "hash images (off the event loop)")
 
 
 class VisionOptions(DeploymentOptions):
     max_batch_size: int = Field(8, ge=1, description="images per vision-tower batch (@serve.batch)")
     batch_wait_timeout_s: float = Field(0.01, ge=0)
-    cache_size: int = Field(256, ge=0, description="image embeddings kept by image hash")
+    cache_bytes: int = Field(512 * 2**20, ge=0, description="bytes of image embeddings kept by image hash "
+                             "(LRU; 0: no cache). A Scout-size image's embeddings take up to ~60 MB")
+
 
 
 class _CredentialsRemoved(str):
@@ -143,6 +163,9 @@ class RoutingConfig(_Frozen):
         return check_known("routing policy", policy, REQUEST_ROUTERS)
 
 
+SERVING_MAX_WAITING = 128  # engine.max_waiting when served, unless set: below router_service.max_ongoing_requests
+
+
 class HerdConfig(_Frozen):
     model: str = Field(description="checkpoint directory (Hugging Face layout)")
     served_model_name: str | None = Field(None, description="the model id clients name (default: directory name)")
@@ -157,6 +180,31 @@ class HerdConfig(_Frozen):
     routing: RoutingConfig = Field(
         default_factory=RoutingConfig, description="how the Ingress picks the router-service replica of each request"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _serving_max_waiting(cls, data):
+        """Served, the engine refuses beyond SERVING_MAX_WAITING waiting requests unless the config says
+        otherwise (EngineConfig's own default, 4096, suits offline batches, not a Serve replica)."""
+        if isinstance(data, dict):
+            engine = data.get("engine")
+            if engine is None:
+                data = {**data, "engine": {"max_waiting": SERVING_MAX_WAITING}}
+            elif isinstance(engine, dict) and "max_waiting" not in engine:
+                data = {**data, "engine": {**engine, "max_waiting": SERVING_MAX_WAITING}}
+        return data
+
+    @model_validator(mode="after")
+    def _back_pressure_reachable(self) -> HerdConfig:
+        """The engine refuses new requests (429) once engine.max_waiting are queued; Serve never sends
+        a replica more than router_service.max_ongoing_requests. With max_waiting at or above that,
+        the engine's fast refusal could never happen: overload would only queue."""
+        if self.engine.max_waiting >= self.router_service.max_ongoing_requests:
+            raise ValueError(f"engine.max_waiting ({self.engine.max_waiting}) must be below "
+                             f"router_service.max_ongoing_requests ({self.router_service.max_ongoing_requests}): "
+                             "otherwise the engine never refuses requests and overload queues instead of getting "
+                             "a fast 429 / RESOURCE_EXHAUSTED")
+        return self
 
     @property
     def model_name(self) -> str:

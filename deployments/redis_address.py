@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlparse
 
 # query parameters that redis-py's from_url (and other clients) read credentials from
-SECRET_PARAMS = frozenset({"password", "pass", "pwd", "username", "user", "auth", "token", "secret"})
+SECRET_PARAMS = frozenset({"password", "pass", "passwd", "pwd", "username", "user", "auth", "token", "secret"})
 CREDENTIALS_MESSAGE = ("put the Redis password in the environment variable named by redis.password_env, not in "
                        "the URL")
 
@@ -31,10 +31,14 @@ class RedisAddress:
 
 
 def has_credentials(url: str) -> bool:
-    """Whether `url` carries a user, a password or a credential query parameter (`?password=`)."""
-    u = urlparse(url)
-    return (u.username is not None or u.password is not None
-            or any(k.lower() in SECRET_PARAMS for k, _ in parse_qsl(u.query, keep_blank_values=True)))
+    """Whether `url` carries a user, a password or a credential query parameter (`?password=`);
+    an unparsable URL is assumed to."""
+    try:
+        u = urlparse(url)
+        return (u.username is not None or u.password is not None
+                or any(k.lower() in SECRET_PARAMS for k, _ in parse_qsl(u.query, keep_blank_values=True)))
+    except ValueError:
+        return True
 
 
 def redact(url: str) -> str:
@@ -42,8 +46,11 @@ def redact(url: str) -> str:
     credential query parameter (for logs, errors and `herd status`)."""
     if not has_credentials(url):
         return url
-    u = urlparse(url)
-    netloc = u.netloc.rsplit("@", 1)[-1]
-    params = parse_qsl(u.query, keep_blank_values=True)
+    try:
+        u = urlparse(url)
+        netloc = u.netloc.rsplit("@", 1)[-1]
+        params = parse_qsl(u.query, keep_blank_values=True)
+    except ValueError:
+        return "<unparsable Redis URL>"
     query = urlencode([(k, "REDACTED" if k.lower() in SECRET_PARAMS else v) for k, v in params], safe="")
     return u._replace(netloc=netloc, query=query).geturl()

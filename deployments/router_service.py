@@ -75,6 +75,7 @@ class RouterService:
         is read by the prefix-affinity request router in the caller (deployments/routing/prefix_affinity.py)."""
         if self._stats_task is None:
             self._stats_task = asyncio.create_task(self._publish_stats())
+        self.engine.check_admission()  # overloaded: refused before the shared-cache lookup
         start = last = time.perf_counter()
         status = "error"
         try:

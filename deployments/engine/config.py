@@ -18,7 +18,10 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(
         None, ge=2, description="longest prompt + output; default: the model's limit, capped by the KV cache"
     )
-    max_waiting: int = Field(4096, ge=0, description="queued requests beyond which new ones are rejected")
+    max_waiting: int = Field(4096, ge=0, description="queued requests beyond which new ones are refused at once "
+                             "(EngineOverloaded: HTTP 429 / RESOURCE_EXHAUSTED). Served (HerdConfig), the default is "
+                             "128 and it must stay below router_service.max_ongoing_requests so that the refusal "
+                             "is reachable; 4096 here leaves room for offline batches")
     kv_cache_bytes: int = Field(256 * 2**20, ge=1, description="memory for the paged KV cache (all layers)")
     num_blocks_full: int | None = Field(None, ge=1, description="override: KV blocks of the NoPE (full-history) layers")
     num_blocks_chunked: int | None = Field(None, ge=1, description="override: KV blocks of the chunked RoPE layers")

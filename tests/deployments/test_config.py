@@ -43,3 +43,33 @@ def test_one_gpu_runs_the_experts_colocated():
     assert experts_are_sharded(gpu_shards, cluster_gpus=16)
     assert experts_are_sharded(ExpertsConfig(mode="sharded", num_shards=2), cluster_gpus=0)  # CPU shards
     assert not experts_are_sharded(ExpertsConfig(), cluster_gpus=16)  # colocated as configured
+
+
+def test_back_pressure_is_consistent_and_reachable():
+    """The engine's max_waiting must be below the router service's max_ongoing_requests (else its
+    fast refusal never happens); Serve queues are bounded by default and refuse with 429."""
+    from deployments.engine.validation import describe_validation_error
+
+    with pytest.raises(ValidationError) as info:
+        HerdConfig.model_validate({"model": "m", "engine": {"max_waiting": 4096}})
+    message = describe_validation_error(info.value)
+    assert "engine.max_waiting (4096)" in message and "router_service.max_ongoing_requests (256)" in message
+    with pytest.raises(ValidationError, match="max_queued_requests"):
+        HerdConfig.model_validate({"model": "m", "ingress": {"max_queued_requests": 0}})
+    cfg = HerdConfig.model_validate({"model": "m"})
+    assert cfg.engine.max_waiting < cfg.router_service.max_ongoing_requests
+    from cluster.app import _options
+
+    for opts in (cfg.ingress, cfg.router_service, cfg.vision):
+        options = _options(opts)
+        assert options["max_queued_requests"] == 64 and options["backpressure_config"].status_code == 429
+
+
+def test_served_engines_default_to_a_reachable_max_waiting():
+    from deployments.config import SERVING_MAX_WAITING
+    from deployments.engine.config import EngineConfig
+
+    assert HerdConfig.model_validate({"model": "m"}).engine.max_waiting == SERVING_MAX_WAITING
+    assert HerdConfig.model_validate({"model": "m", "engine": {"max_num_seqs": 8}}).engine.max_waiting == 128
+    assert HerdConfig.model_validate({"model": "m", "engine": {"max_waiting": 7}}).engine.max_waiting == 7
+    assert EngineConfig().max_waiting == 4096  # offline batches (Engine.generate, benchmarks) are not capped

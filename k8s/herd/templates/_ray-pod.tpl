@@ -28,6 +28,9 @@ readOnlyRootFilesystem: {{ .Values.raySecurityContext.readOnlyRootFilesystem }}
 # MoE dispatches (a few MiB of hidden states) travel inline in the task RPC, not via the object store.
 - name: RAY_max_direct_call_object_size
   value: "4194304"
+# Serve's gRPC proxy would read messages up to 2 GiB; the Ingress refuses those above limits.max_body_bytes.
+- name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+  value: "67108864"
 {{- if .Values.raySecurityContext.readOnlyRootFilesystem }}
 # JIT caches that default to read-only places under $HOME: into the writable cache emptyDir.
 - name: CUDA_CACHE_PATH

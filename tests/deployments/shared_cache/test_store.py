@@ -106,3 +106,41 @@ def test_store_logs_never_carry_the_password(caplog):
         assert store.get_many_blocking(["k"]) is None and store.get_many_blocking(["k"]) is None
     store.close()
     assert "unavailable" in caplog.text and "sekrit" not in caplog.text
+
+
+def test_the_writer_survives_a_write_that_raises(server):
+    """A write whose encoding raises (a bug, not a Redis error) is logged and counted; the writer
+    thread goes on with the next write instead of dying silently."""
+    store = RedisKVStore(server.url)
+
+    def broken() -> bytes:
+        raise ValueError("encoder bug")
+
+    assert store.put("bad", broken, 10, lambda: None)
+    assert store.put("good", lambda: b"value", 5, lambda: None)
+    store.flush(timeout_s=5)
+    assert server.client().get("good") == b"value"
+    assert store.stats.errors == {"write_internal": 1} and store._inflight == 0
+    assert store._writer.is_alive()
+
+
+@pytest.mark.parametrize("url", [
+    "redis://host:6379/0?password=hunter2", "redis://user:hunter2@host:6379", "rediss://:hunter2@host/1?x=1",
+    "redis://host/0?username=u&password=hunter2",
+])
+def test_credentials_in_a_url_are_refused_and_never_echoed(url):
+    """`?password=` as well as user:pass@: refused (use redis.password_env), and neither the error
+    (as the CLI shows it) nor redact() nor the store's logs carry it."""
+    from pydantic import ValidationError
+
+    from deployments.config import HerdConfig
+    from deployments.engine.validation import describe_validation_error
+
+    assert "hunter2" not in redact(url)
+    with pytest.raises(ValueError, match="password_env") as info:
+        RedisAddress.parse(url)
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ValidationError) as config_error:
+        HerdConfig.model_validate({"model": "m", "redis": {"url": url}})
+    assert "password_env" in describe_validation_error(config_error.value)
+    assert "hunter2" not in describe_validation_error(config_error.value) and "hunter2" not in str(config_error.value)
