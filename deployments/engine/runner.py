@@ -21,7 +21,7 @@ from deployments.engine.scheduler import ScheduledChunk
 from deployments.engine.step_inputs import StepBatch, StepInputs
 from model.llama4 import Llama4
 from model.moe import RoutedExperts
-from model.rope import text_freqs_cis, text_inv_freq
+from model.rope import text_inv_freq, text_rope
 from model.text import Attend
 
 
@@ -47,11 +47,11 @@ class ModelRunner:
         batch = self.inputs.stage(chunks)
         layouts = {g.name: self.attention.layout(g, chunks) for g in self.kv.groups}
         x = self._embed(batch)
-        freqs_cis = text_freqs_cis(self.inv_freq, batch.positions)
+        rope = text_rope(self.inv_freq, batch.positions)
         for i, layer in enumerate(self.model.language_model.model.layers):
             group = self.cache.group_of[i].name
             attend = self._paged_attention(i, layouts[group], batch.slots[group])
-            x = layer(x, batch.positions, freqs_cis, attend, self._routed_experts(i))
+            x = layer(x, batch.positions, rope, attend, self._routed_experts(i))
         text = self.model.language_model
         return text.lm_head(text.model.norm(x[batch.sample_rows])).float()
 
