@@ -26,6 +26,7 @@ from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
 from model.config import TextConfig
 from model.device import default_dtype
+from model.expert_kernel import KERNEL_CHOICES
 from model.synth import synthesize
 
 
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth for the roofline fraction")
     ap.add_argument("--peak-tflops", type=float, help="peak dense TFLOP/s for MFU")
+    ap.add_argument("--expert-kernel", default="auto", choices=KERNEL_CHOICES,
+                    help="the routed experts' kernel (engine.expert_kernel; default auto: grouped on CUDA)")
     args = ap.parse_args()
     dtype = default_dtype(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,6 +128,7 @@ def run(args, path: Path, text: TextConfig, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
     prompt = lambda n: torch.randint(10, 250, (n,), generator=g).tolist()  # noqa: E731
     engine_cfg = EngineConfig(max_num_seqs=max(64, args.batch), max_num_batched_tokens=2048,
+                              expert_kernel=args.expert_kernel,
                               kv_cache_bytes=(2 * 2**30 if args.device == "cpu" else 16 * 2**30))
     engine = Engine.from_pretrained(path, engine_cfg, device=args.device, dtype=dtype)
     nbytes, params = active_weight_bytes(text, torch.empty((), dtype=dtype).element_size())
@@ -132,7 +136,8 @@ def run(args, path: Path, text: TextConfig, dtype: torch.dtype) -> None:
     for batch in (1, args.batch):
         tps = time_engine_decode(engine, [prompt(args.prompt_len) for _ in range(batch)], args.new_tokens, args.device)
         gbs = nbytes * (tps / batch) / 1e9  # weights are read once per step
-        rows.append((f"herd decode, batch {batch}", tps, f"{gbs:.1f} GB/s weights" + _frac(gbs, args.bandwidth_gbs)))
+        rows.append((f"herd decode, batch {batch}", tps, f"{1e3 * batch / tps:.2f} ms/step, {gbs:.1f} GB/s weights"
+                     + _frac(gbs, args.bandwidth_gbs)))
     hf = time_hf_decode(path, prompt(args.prompt_len), args.new_tokens, args.device, dtype)
     rows.append(("transformers generate, batch 1", hf, f"{nbytes * hf / 1e9:.1f} GB/s weights"))
     pre = time_engine_prefill(engine, [prompt(args.prefill_len) for _ in range(3)], args.device)
@@ -140,7 +145,7 @@ def run(args, path: Path, text: TextConfig, dtype: torch.dtype) -> None:
     rows.append((f"herd prefill, {args.prefill_len} tokens", pre,
                  f"{tflops:.3f} TFLOP/s" + _frac(tflops, args.peak_tflops)))
     print(f"\n{args.preset} ({text.num_hidden_layers} layers, {params / 1e6:.1f}M active params, "
-          f"{nbytes / 2**20:.0f} MiB read per decode step), {args.device}, {dtype}")
+          f"{nbytes / 2**20:.0f} MiB read per decode step), {args.device}, {dtype}, expert kernel {args.expert_kernel}")
     for name, tps, hw in rows:
         print(f"  {name:34s} {tps:10.1f} tokens/s   {hw}")
     print(f"  herd / transformers at batch 1: {rows[0][1] / hf:.1f}x")

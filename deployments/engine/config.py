@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.errors import check_known
+from model.expert_kernel import KERNEL_CHOICES
 
 
 class EngineConfig(BaseModel):
@@ -33,6 +34,16 @@ class EngineConfig(BaseModel):
     attention_backend: str = Field(
         "reference", description="attention over the paged KV cache (deployments/engine/attention/registry.py)"
     )
+
+    expert_kernel: str = Field(
+        "auto", description="the routed experts' kernel (model/expert_kernel.py): reference | grouped | auto (grouped "
+        "on CUDA, reference elsewhere); applies to colocated experts and to every expert shard"
+    )
+
+    @field_validator("expert_kernel")
+    @classmethod
+    def _known_kernel(cls, name: str) -> str:
+        return check_known("expert kernel", name, KERNEL_CHOICES)
 
     @field_validator("attention_backend")
     @classmethod

@@ -1,6 +1,9 @@
 """Runs one engine step: a flattened batch of prefill chunks and decode tokens through the model,
 reading and writing the paged KV cache. Returns the logits of the rows that sample.
 
+The step's integer inputs reach the device in one copy (`StepInputs`); nothing in the step waits
+for the device until the engine reads the sampled ids.
+
 The decoder block is the model's own (`model/text.py`); the runner hands each layer an attention
 function over the paged cache (the configured attention backend) and the expert backend that runs
 its routed experts.
@@ -15,9 +18,10 @@ from deployments.engine.experts import ExpertBackend
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.kv_manager import KVManager
 from deployments.engine.scheduler import ScheduledChunk
+from deployments.engine.step_inputs import StepBatch, StepInputs
 from model.llama4 import Llama4
 from model.moe import RoutedExperts
-from model.rope import text_freqs_cis, text_inv_freq
+from model.rope import text_inv_freq, text_rope
 from model.text import Attend
 
 
@@ -35,54 +39,35 @@ class ModelRunner:
                                          device=model.device)
         self.device = model.device
         self.inv_freq = text_inv_freq(model.cfg.text, self.device)
+        self.inputs = StepInputs(kv, self.device)
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits `[num_sampling_chunks, vocab]` (fp32), in the order of the sampling chunks."""
-        ids, positions = self._inputs(chunks)
+        batch = self.inputs.stage(chunks)
         layouts = {g.name: self.attention.layout(g, chunks) for g in self.kv.groups}
-        x = self._embed(ids, chunks)
-        freqs_cis = text_freqs_cis(self.inv_freq, positions)
+        x = self._embed(batch)
+        rope = text_rope(self.inv_freq, batch.positions)
         for i, layer in enumerate(self.model.language_model.model.layers):
-            attend = self._paged_attention(i, layouts[self.cache.group_of[i].name])
-            x = layer(x, positions, freqs_cis, attend, self._routed_experts(i))
-        rows, end = [], 0
-        for c in chunks:
-            end += c.num_tokens
-            if c.samples:
-                rows.append(end - 1)
+            group = self.cache.group_of[i].name
+            attend = self._paged_attention(i, layouts[group], batch.slots[group])
+            x = layer(x, batch.positions, rope, attend, self._routed_experts(i))
         text = self.model.language_model
-        return text.lm_head(text.model.norm(x[rows])).float()
+        return text.lm_head(text.model.norm(x[batch.sample_rows])).float()
 
-    def _inputs(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids: list[int] = []
-        pos: list[int] = []
-        for c in chunks:
-            ids.extend(c.seq.tokens[c.start : c.start + c.num_tokens])
-            pos.extend(range(c.start, c.start + c.num_tokens))
-        return (torch.tensor(ids, dtype=torch.long, device=self.device),
-                torch.tensor(pos, dtype=torch.long, device=self.device))
-
-    def _embed(self, ids: torch.Tensor, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def _embed(self, batch: StepBatch) -> torch.Tensor:
         """Token embeddings, with each prompt `<|patch|>` row replaced by its image embedding."""
-        x = self.model.language_model.model.embed_tokens(ids)
-        row = 0
-        for c in chunks:
-            start = c.start
-            image_rows = c.seq.image_rows(start, start + c.num_tokens)
-            if image_rows is not None:
-                prompt_end = min(c.num_tokens, c.seq.num_prompt_tokens - start)
-                assert c.seq.patch_token_id is not None  # a prompt with image rows has <|patch|> tokens
-                local = (ids[row : row + prompt_end] == c.seq.patch_token_id).nonzero().squeeze(1) + row
-                x[local] = image_rows.to(device=x.device, dtype=x.dtype)
-            row += c.num_tokens
+        x = self.model.language_model.model.embed_tokens(batch.ids)
+        if batch.image_embeds:
+            rows = torch.cat(batch.image_embeds).to(device=x.device, dtype=x.dtype)
+            x = x.index_copy(0, batch.image_rows, rows)
         return x
 
-    def _paged_attention(self, layer: int, layout: Layout) -> Attend:
-        """Layer `layer`'s attention: write the new KV into the cache, attend over it."""
+    def _paged_attention(self, layer: int, layout: Layout, slots: torch.Tensor) -> Attend:
+        """Layer `layer`'s attention: write the new KV into the cache at `slots`, attend over it."""
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-            self.cache.write(layer, k, v, layout.slots)
+            self.cache.write(layer, k, v, slots)
             return self.attention.forward(q, self.cache.k[layer], self.cache.v[layer], layout, scale)
 
         return attend
@@ -91,7 +76,8 @@ class ModelRunner:
         """Layer `layer`'s routed experts on the expert backend, counting tokens per expert."""
 
         def routed(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            self.expert_tokens += torch.bincount(expert_ids.flatten(), minlength=self.expert_tokens.numel())
+            flat = expert_ids.flatten()
+            self.expert_tokens.scatter_add_(0, flat, torch.ones_like(flat))  # on the device: no sync
             return self.experts.run(layer, x, expert_ids, scores)
 
         return routed

@@ -1,6 +1,7 @@
-"""Greedy generation of the engine equals transformers' `generate`, token for token: one request,
-16 concurrent requests joining and leaving at different steps with prompts split by chunked
-prefill, image prompts, and across preemption."""
+"""Greedy generation of the engine equals transformers' `generate`, token for token: one request
+(and its logits, step by step), 16 concurrent requests joining and leaving at different steps with
+prompts split by chunked prefill, image prompts, and across preemption; with each expert kernel
+(`reference`, and `grouped`, the fast path's)."""
 
 import random
 
@@ -12,9 +13,16 @@ from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.inputs import prepare_prompt
 from deployments.engine.params import SamplingParams
+from tests.conftest import reference_logits
 from tests.deployments.engine.conftest import hf_greedy
 
 SMALL_STEPS = EngineConfig(block_size=4, max_num_batched_tokens=16, max_num_seqs=16)
+KERNELS = pytest.mark.parametrize("kernel", ["reference", "grouped"])
+LOGITS_TOL = 1e-4
+
+
+def small_steps(kernel: str, **update) -> EngineConfig:
+    return SMALL_STEPS.model_copy(update={"expert_kernel": kernel, **update})
 
 
 def greedy(n: int) -> SamplingParams:
@@ -26,14 +34,26 @@ def prompts(count: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(3, 500) for _ in range(rng.randrange(3, 60))] for _ in range(count)]
 
 
+@KERNELS
 @pytest.mark.parametrize("ckpt", ["scout_ckpt", "maverick_ckpt"])
-def test_single_request(request, ckpt):
+def test_single_request(request, ckpt, kernel):
+    """32 decode steps past a chunked prefill: the same greedy tokens as transformers, and every
+    step's logits within 1e-4 of transformers' on the same tokens."""
     ref, path = request.getfixturevalue(ckpt)
-    engine = Engine.from_pretrained(path, SMALL_STEPS)
+    engine = Engine.from_pretrained(path, small_steps(kernel))
+    steps: list[torch.Tensor] = []
+    execute = engine.runner.execute
+    engine.runner.execute = lambda chunks: steps.append(execute(chunks)) or steps[-1]  # type: ignore[method-assign]
     [ids] = prompts(1, seed=1)
-    [out] = engine.generate([ids], greedy(24))
-    assert out.token_ids == hf_greedy(ref, ids, 24)
+    [out] = engine.generate([ids], greedy(33))
+    assert out.token_ids == hf_greedy(ref, ids, 33)
     assert out.finish_reason == "length"
+    ours = torch.cat([s for s in steps if len(s)])  # [33, V]: the prefill's last row, then each decode step
+    with torch.no_grad():
+        theirs = reference_logits(ref, torch.tensor(ids + out.token_ids[:-1]))[len(ids) - 1 :]
+    assert ours.shape == theirs.shape == (33, ref.config.text_config.vocab_size)
+    diff = (ours - theirs).abs().max().item()
+    assert diff <= LOGITS_TOL, f"max abs logit diff {diff:.2e}"
 
 
 def run_staggered(engine: Engine, batch: list[list[int]], lengths: list[int]) -> dict[str, list[int]]:
@@ -52,10 +72,11 @@ def run_staggered(engine: Engine, batch: list[list[int]], lengths: list[int]) ->
     return got
 
 
+@KERNELS
 @pytest.mark.parametrize("ckpt", ["scout_ckpt", "maverick_ckpt"])
-def test_sixteen_concurrent_requests(request, ckpt):
+def test_sixteen_concurrent_requests(request, ckpt, kernel):
     ref, path = request.getfixturevalue(ckpt)
-    engine = Engine.from_pretrained(path, SMALL_STEPS)
+    engine = Engine.from_pretrained(path, small_steps(kernel))
     batch = prompts(16, seed=2)
     lengths = [random.Random(i).randrange(2, 20) for i in range(16)]
     got = run_staggered(engine, batch, lengths)
@@ -64,9 +85,10 @@ def test_sixteen_concurrent_requests(request, ckpt):
     assert all(pool.num_used == 0 for pool in engine.kv.pools.values())
 
 
-def test_preemption_keeps_tokens_exact(scout_ckpt):
+@KERNELS
+def test_preemption_keeps_tokens_exact(scout_ckpt, kernel):
     ref, path = scout_ckpt
-    cfg = SMALL_STEPS.model_copy(update={"num_blocks_full": 48, "enable_prefix_caching": False})
+    cfg = small_steps(kernel, num_blocks_full=48, enable_prefix_caching=False)
     engine = Engine.from_pretrained(path, cfg)
     batch = prompts(16, seed=3)
     lengths = [16] * 16
@@ -77,10 +99,11 @@ def test_preemption_keeps_tokens_exact(scout_ckpt):
     assert all(pool.num_used == 0 for pool in engine.kv.pools.values())
 
 
+@KERNELS
 @pytest.mark.parametrize("ckpt", ["scout_ckpt", "maverick_ckpt"])
-def test_image_prompts(request, ckpt):
+def test_image_prompts(request, ckpt, kernel):
     ref, path = request.getfixturevalue(ckpt)
-    engine = Engine.from_pretrained(path, SMALL_STEPS)
+    engine = Engine.from_pretrained(path, small_steps(kernel))
     processor = engine.model.image_processor
     images = [Image.effect_noise((150, 60), 40).convert("RGB"), Image.effect_noise((30, 50), 60).convert("RGB")]
     image = engine.tokenizer.image_ids.image
