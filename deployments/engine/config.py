@@ -30,6 +30,13 @@ class EngineConfig(BaseModel):
     attention_backend: str = Field(
         "reference", description="attention over the paged KV cache (deployments/engine/attention/registry.py)"
     )
+    compile: bool | None = Field(
+        None, description="torch.compile the step (deployments/engine/compile.py); None: on for CUDA, off on the CPU"
+    )
+    cuda_graphs: bool | None = Field(
+        None, description="capture decode steps as CUDA graphs per padded batch size (needs compile and backends "
+        "that trace: flex attention, grouped experts); None: on for CUDA"
+    )
 
     @field_validator("attention_backend")
     @classmethod

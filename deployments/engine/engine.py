@@ -19,6 +19,7 @@ from typing import cast
 import torch
 
 from deployments.engine.attention import attention_backend
+from deployments.engine.compile import CompileSettings, StepCompiler
 from deployments.engine.config import EngineConfig
 from deployments.engine.experts import ColocatedExperts, ExpertBackend, ExpertBackendUnavailable
 from deployments.engine.kv_cache import KVCache
@@ -33,7 +34,7 @@ from deployments.engine.sampler import Sampler
 from deployments.engine.scheduler import ScheduledChunk, Scheduler
 from deployments.engine.sequence import ImageInput, Sequence
 from deployments.engine.validation import check_encodable
-from model.errors import InvalidInputError
+from model.errors import ConfigError, InvalidInputError
 from model.llama4 import Llama4
 from model.tokenizer import Tokenizer
 
@@ -70,7 +71,9 @@ class Engine:
         cache = KVCache(groups, self.config.block_size, text.num_key_value_heads, text.head_dim, model.dtype,
                         model.device)
         attention = attention_backend(self.config.attention_backend)(self.kv, model.device)
-        self.runner = ModelRunner(model, self.kv, cache, experts or ColocatedExperts(model), attention)
+        experts = experts or ColocatedExperts(model)
+        self.runner = ModelRunner(model, self.kv, cache, experts, attention,
+                                 self._compiler(attention, experts, model.device))
         self.scheduler = Scheduler(self.config, self.kv)
         self.sampler = Sampler()
         self.max_model_len = min(self.config.max_model_len or text.max_position_embeddings,
@@ -82,6 +85,22 @@ class Engine:
         self.num_steps = 0  # steps that ran a batch (a step with nothing schedulable does not count)
         log.info("engine ready: %s; max_model_len %d", ", ".join(f"{g.name} KV {g.num_blocks} blocks x "
                  f"{len(g.layers)} layers" for g in groups), self.max_model_len)
+
+    def _compiler(self, attention: object, experts: object, device: torch.device) -> StepCompiler | None:
+        """The step compiler `config.compile` / `cuda_graphs` ask for on `device` (None: eager)."""
+        try:
+            settings = CompileSettings.resolve(self.config.compile, self.config.cuda_graphs, device)
+        except ValueError as e:
+            raise ConfigError(f"engine config: {e}") from None
+        if not settings.compile:
+            return None
+        traceable = getattr(attention, "traceable", False), getattr(experts, "traceable", False)
+        if settings.cuda_graphs and not all(traceable):
+            log.info("cuda_graphs: the %s attention backend or the expert backend does not trace; compiling per "
+                     "decoder block without graphs", self.config.attention_backend)
+            settings = CompileSettings(True, False, settings.backend)
+        return StepCompiler(settings, self.kv, self.config.max_num_seqs, attention_traceable=traceable[0],
+                            experts_traceable=traceable[1])
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, *, device: str = "cpu",

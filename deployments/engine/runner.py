@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from deployments.engine.attention import AttentionBackend, Layout
+from deployments.engine.compile import StepCompiler, opaque
 from deployments.engine.experts import ExpertBackend
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.kv_manager import KVManager
@@ -23,7 +24,7 @@ from model.text import Attend
 
 class ModelRunner:
     def __init__(self, model: Llama4, kv: KVManager, cache: KVCache, experts: ExpertBackend,
-                 attention: AttentionBackend):
+                 attention: AttentionBackend, compiler: StepCompiler | None = None):
         self.model = model
         self.kv = kv
         self.cache = cache
@@ -35,17 +36,25 @@ class ModelRunner:
                                          device=model.device)
         self.device = model.device
         self.inv_freq = text_inv_freq(model.cfg.text, self.device)
+        self.compiler = compiler
+        self._forward_decode = self._forward_prefill = self._forward
+        if compiler is not None and compiler.step_traceable:
+            self._forward_decode, self._forward_prefill = compiler.compile_step(self._forward)
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits `[num_sampling_chunks, vocab]` (fp32), in the order of the sampling chunks."""
-        ids, positions = self._inputs(chunks)
-        layouts = {g.name: self.attention.layout(g, chunks) for g in self.kv.groups}
-        x = self._embed(ids, chunks)
-        freqs_cis = text_freqs_cis(self.inv_freq, positions)
-        for i, layer in enumerate(self.model.language_model.model.layers):
-            attend = self._paged_attention(i, layouts[self.cache.group_of[i].name])
-            x = layer(x, positions, freqs_cis, attend, self._routed_experts(i))
+        run, decode_only = chunks, False
+        if self.compiler is not None and self.compiler.step_traceable:
+            run, decode_only = self.compiler.pad(chunks)  # padding chunks come after the real ones
+        ids, positions = self._inputs(run)
+        layouts = {g.name: self.attention.layout(g, run) for g in self.kv.groups}
+        x = self._embed(ids, run)
+        real = sum(c.num_tokens for c in chunks)
+        row_weight = torch.zeros(x.shape[0], dtype=torch.long, device=self.device)  # 1 for real rows, 0 padding
+        row_weight[:real] = 1
+        forward = self._forward_decode if decode_only else self._forward_prefill
+        x = forward(x, positions, layouts, row_weight)
         rows, end = [], 0
         for c in chunks:
             end += c.num_tokens
@@ -53,6 +62,21 @@ class ModelRunner:
                 rows.append(end - 1)
         text = self.model.language_model
         return text.lm_head(text.model.norm(x[rows])).float()
+
+    def _forward(self, x: torch.Tensor, positions: torch.Tensor, layouts: dict[str, Layout],
+                 row_weight: torch.Tensor) -> torch.Tensor:
+        """The decoder layers over embeddings `x` `[T, hidden]` (what the whole-step compile traces)."""
+        freqs_cis = text_freqs_cis(self.inv_freq, positions)
+        per_block = self.compiler is not None and not self.compiler.step_traceable
+        for i, layer in enumerate(self.model.language_model.model.layers):
+            attend = self._paged_attention(i, layouts[self.cache.group_of[i].name])
+            routed = self._routed_experts(i, row_weight)
+            if per_block:
+                assert self.compiler is not None
+                x = self.compiler.block(layer, x, positions, freqs_cis, opaque(attend), opaque(routed))
+            else:
+                x = layer(x, positions, freqs_cis, attend, routed)
+        return x
 
     def _inputs(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         ids: list[int] = []
@@ -87,11 +111,13 @@ class ModelRunner:
 
         return attend
 
-    def _routed_experts(self, layer: int) -> RoutedExperts:
-        """Layer `layer`'s routed experts on the expert backend, counting tokens per expert."""
+    def _routed_experts(self, layer: int, row_weight: torch.Tensor) -> RoutedExperts:
+        """Layer `layer`'s routed experts on the expert backend, counting tokens per expert (rows of
+        weight 0, the padding, not counted)."""
 
         def routed(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            self.expert_tokens += torch.bincount(expert_ids.flatten(), minlength=self.expert_tokens.numel())
+            weight = row_weight[:, None].expand_as(expert_ids).flatten()
+            self.expert_tokens.scatter_add_(0, expert_ids.flatten(), weight)
             return self.experts.run(layer, x, expert_ids, scores)
 
         return routed
