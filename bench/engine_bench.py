@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deployments.engine.attention.registry import ATTENTION_BACKENDS, AUTO
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth for the roofline fraction")
     ap.add_argument("--peak-tflops", type=float, help="peak dense TFLOP/s for MFU")
+    ap.add_argument("--attention-backend", default="reference", choices=[*ATTENTION_BACKENDS, AUTO],
+                    help="engine.attention_backend (default reference)")
     args = ap.parse_args()
     dtype = default_dtype(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,11 +128,14 @@ def run(args, path: Path, text: TextConfig, dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(0)
     prompt = lambda n: torch.randint(10, 250, (n,), generator=g).tolist()  # noqa: E731
     engine_cfg = EngineConfig(max_num_seqs=max(64, args.batch), max_num_batched_tokens=2048,
-                              kv_cache_bytes=(2 * 2**30 if args.device == "cpu" else 16 * 2**30))
+                              kv_cache_bytes=(2 * 2**30 if args.device == "cpu" else 16 * 2**30),
+                              attention_backend=args.attention_backend)
     engine = Engine.from_pretrained(path, engine_cfg, device=args.device, dtype=dtype)
     nbytes, params = active_weight_bytes(text, torch.empty((), dtype=dtype).element_size())
     rows = []
     for batch in (1, args.batch):
+        if args.attention_backend != "reference":  # compile the backend for this batch's step shapes first
+            time_engine_decode(engine, [prompt(args.prompt_len) for _ in range(batch)], 2, args.device)
         tps = time_engine_decode(engine, [prompt(args.prompt_len) for _ in range(batch)], args.new_tokens, args.device)
         gbs = nbytes * (tps / batch) / 1e9  # weights are read once per step
         rows.append((f"herd decode, batch {batch}", tps, f"{gbs:.1f} GB/s weights" + _frac(gbs, args.bandwidth_gbs)))
@@ -140,7 +146,8 @@ def run(args, path: Path, text: TextConfig, dtype: torch.dtype) -> None:
     rows.append((f"herd prefill, {args.prefill_len} tokens", pre,
                  f"{tflops:.3f} TFLOP/s" + _frac(tflops, args.peak_tflops)))
     print(f"\n{args.preset} ({text.num_hidden_layers} layers, {params / 1e6:.1f}M active params, "
-          f"{nbytes / 2**20:.0f} MiB read per decode step), {args.device}, {dtype}")
+          f"{nbytes / 2**20:.0f} MiB read per decode step), {args.device}, {dtype}, "
+          f"attention {args.attention_backend}")
     for name, tps, hw in rows:
         print(f"  {name:34s} {tps:10.1f} tokens/s   {hw}")
     print(f"  herd / transformers at batch 1: {rows[0][1] / hf:.1f}x")

@@ -4,10 +4,12 @@ so choosing one never imports another (a GPU backend's kernels stay unloaded on 
 from __future__ import annotations
 
 import importlib
-
-import torch
+from typing import TYPE_CHECKING
 
 from model.errors import check_known
+
+if TYPE_CHECKING:
+    import torch
 
 ATTENTION_BACKENDS: dict[str, str] = {
     "reference": "deployments.engine.attention.reference:ReferenceBackend",
