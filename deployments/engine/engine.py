@@ -18,7 +18,7 @@ from typing import cast
 
 import torch
 
-from deployments.engine.attention import attention_backend
+from deployments.engine.attention import attention_backend, resolve_attention_backend
 from deployments.engine.compile import CompileSettings, StepCompiler
 from deployments.engine.config import EngineConfig
 from deployments.engine.experts import ColocatedExperts, ExpertBackend, ExpertBackendUnavailable
@@ -70,7 +70,8 @@ class Engine:
         text = model.cfg.text
         cache = KVCache(groups, self.config.block_size, text.num_key_value_heads, text.head_dim, model.dtype,
                         model.device)
-        attention = attention_backend(self.config.attention_backend)(self.kv, model.device)
+        attention = attention_backend(resolve_attention_backend(self.config.attention_backend, model.device))(
+            self.kv, model.device)
         experts = experts or ColocatedExperts(model)
         self.runner = ModelRunner(model, self.kv, cache, experts, attention,
                                  self._compiler(attention, experts, model.device))
