@@ -60,6 +60,9 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from deployments.engine.attention.registry import ATTENTION_BACKENDS
+    from model.expert_kernel import KERNEL_CHOICES
+
     p = sub.add_parser(
         "generate",
         help="generate text from a prompt",
@@ -84,6 +87,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--attention-backend", choices=sorted(ATTENTION_BACKENDS),
+                   help="with --offline: attention over the paged KV cache (engine.attention_backend; default: "
+                        "the engine's)")
+    p.add_argument("--expert-kernel", choices=list(KERNEL_CHOICES),
+                   help="with --offline: the routed experts' kernel (engine.expert_kernel; default auto: grouped "
+                        "on CUDA, reference elsewhere)")
     p.add_argument("--json", action="store_true",
                    help='print {"token_ids": [...], "text": "...", "finish_reason": "..."} (generated ids only)')
     p.set_defaults(func=_generate)

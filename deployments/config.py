@@ -14,7 +14,6 @@ from deployments.engine.config import EngineConfig
 from deployments.redis_address import RedisAddress
 from deployments.routing.registry import REQUEST_ROUTERS
 from model.errors import check_known
-from model.expert_kernel import EXPERT_KERNELS
 
 
 class _Frozen(BaseModel):
@@ -35,12 +34,6 @@ class ExpertsConfig(_Frozen):
     resources_per_shard: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per shard")
     startup_timeout_s: float = Field(600.0, gt=0,
                                      description="how long a router-service replica waits for the shards to load")
-    kernel: str = Field("reference", description="the routed experts' kernel, a name from model/expert_kernel.py")
-
-    @field_validator("kernel")
-    @classmethod
-    def _known_kernel(cls, kernel: str) -> str:
-        return check_known("expert kernel", kernel, EXPERT_KERNELS)
 
 
 class DeploymentOptions(_Frozen):

@@ -51,13 +51,13 @@ class RouterService:
         device = resolve_device(cfg.device)
         dtype = default_dtype(device)
         sharded = experts_are_sharded(cfg.experts, ray.cluster_resources().get("GPU", 0))
-        model = load(cfg.model, device=device, dtype=dtype, experts=range(0, 0) if sharded else None,
-                     expert_kernel=cfg.experts.kernel)
+        model = load(cfg.model, device=device, dtype=dtype, experts=range(0, 0) if sharded else None)
         self.metrics = RouterServiceMetrics()
         backend = None
         if sharded:
             def connect(timeout_s: float) -> list[tuple]:  # the shards run in our dtype
-                return wait_for_shards(get_or_create_pool(cfg.model, cfg.experts, cfg.device, dtype), timeout_s)
+                return wait_for_shards(get_or_create_pool(cfg.model, cfg.experts, cfg.device, dtype,
+                                                                   cfg.engine.expert_kernel), timeout_s)
 
             backend = ShardedExperts(connect(cfg.experts.startup_timeout_s), on_dispatch=self.metrics.record_dispatch,
                                      reconnect=lambda: connect(RECONNECT_TIMEOUT_S))

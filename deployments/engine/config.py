@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.errors import check_known
+from model.expert_kernel import KERNEL_CHOICES
 
 
 class EngineConfig(BaseModel):
@@ -38,6 +39,16 @@ class EngineConfig(BaseModel):
         None, description="capture decode steps as CUDA graphs per padded batch size (needs compile and backends "
         "that trace: flex attention, grouped experts); None: on for CUDA"
     )
+
+    expert_kernel: str = Field(
+        "auto", description="the routed experts' kernel (model/expert_kernel.py): reference | grouped | auto (grouped "
+        "on CUDA, reference elsewhere); applies to colocated experts and to every expert shard"
+    )
+
+    @field_validator("expert_kernel")
+    @classmethod
+    def _known_kernel(cls, name: str) -> str:
+        return check_known("expert kernel", name, KERNEL_CHOICES)
 
     @field_validator("attention_backend")
     @classmethod

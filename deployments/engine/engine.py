@@ -35,7 +35,9 @@ from deployments.engine.scheduler import ScheduledChunk, Scheduler
 from deployments.engine.sequence import ImageInput, Sequence
 from deployments.engine.validation import check_encodable
 from model.errors import ConfigError, InvalidInputError
+from model.expert_kernel import expert_kernel, resolve_expert_kernel
 from model.llama4 import Llama4
+from model.moe import Experts
 from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
+        use_expert_kernel(model, self.config.expert_kernel)
         groups = plan_kv_groups(model.cfg.text, self.config, model.dtype)
         self.kv = KVManager(groups, self.config.block_size)
         text = model.cfg.text
@@ -291,6 +294,15 @@ class Engine:
             for out in self.step():
                 done[out.request_id].append(out)
         return [_completion(r, done[r]) for r in rids]
+
+
+def use_expert_kernel(model: Llama4, name: str) -> None:
+    """Run the model's own routed experts with kernel `name` (`engine.expert_kernel`; `auto`
+    resolved on the model's device)."""
+    kernel = expert_kernel(resolve_expert_kernel(name, model.device))
+    for module in model.modules():
+        if isinstance(module, Experts):
+            module.kernel = kernel
 
 
 def _completion(request_id: str, outputs: list[RequestOutput]) -> Completion:

@@ -1,6 +1,9 @@
 """Runs one engine step: a flattened batch of prefill chunks and decode tokens through the model,
 reading and writing the paged KV cache. Returns the logits of the rows that sample.
 
+The step's integer inputs reach the device in one copy (`StepInputs`); nothing in the step waits
+for the device until the engine reads the sampled ids.
+
 The decoder block is the model's own (`model/text.py`); the runner hands each layer an attention
 function over the paged cache (the configured attention backend) and the expert backend that runs
 its routed experts.
@@ -16,9 +19,10 @@ from deployments.engine.experts import ExpertBackend
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.kv_manager import KVManager
 from deployments.engine.scheduler import ScheduledChunk
+from deployments.engine.step_inputs import StepBatch, StepInputs
 from model.llama4 import Llama4
 from model.moe import RoutedExperts
-from model.rope import text_freqs_cis, text_inv_freq
+from model.rope import text_inv_freq, text_rope
 from model.text import Attend
 
 
@@ -36,6 +40,7 @@ class ModelRunner:
                                          device=model.device)
         self.device = model.device
         self.inv_freq = text_inv_freq(model.cfg.text, self.device)
+        self.inputs = StepInputs(kv, self.device)
         self.compiler = compiler
         self._forward_decode = self._forward_prefill = self._forward
         if compiler is not None and compiler.step_traceable:
@@ -46,74 +51,53 @@ class ModelRunner:
         """Logits `[num_sampling_chunks, vocab]` (fp32), in the order of the sampling chunks."""
         run, decode_only = chunks, False
         if self.compiler is not None and self.compiler.step_traceable:
-            run, decode_only = self.compiler.pad(chunks)  # padding chunks come after the real ones
-        ids, positions = self._inputs(run)
+            run, decode_only = self.compiler.pad(chunks)  # padding chunks come after the real ones, never sample
+        batch = self.inputs.stage(run)
         layouts = {g.name: self.attention.layout(g, run) for g in self.kv.groups}
-        x = self._embed(ids, run)
-        real = sum(c.num_tokens for c in chunks)
+        x = self._embed(batch)
         row_weight = torch.zeros(x.shape[0], dtype=torch.long, device=self.device)  # 1 for real rows, 0 padding
-        row_weight[:real] = 1
+        row_weight[: sum(c.num_tokens for c in chunks)] = 1
         forward = self._forward_decode if decode_only else self._forward_prefill
-        x = forward(x, positions, layouts, row_weight)
-        rows, end = [], 0
-        for c in chunks:
-            end += c.num_tokens
-            if c.samples:
-                rows.append(end - 1)
+        x = forward(x, batch.positions, layouts, batch.slots, row_weight)
         text = self.model.language_model
-        return text.lm_head(text.model.norm(x[rows])).float()
+        return text.lm_head(text.model.norm(x[batch.sample_rows])).float()
 
     def _forward(self, x: torch.Tensor, positions: torch.Tensor, layouts: dict[str, Layout],
-                 row_weight: torch.Tensor) -> torch.Tensor:
+                 slots: dict[str, torch.Tensor], row_weight: torch.Tensor) -> torch.Tensor:
         """The decoder layers over embeddings `x` `[T, hidden]` (what the whole-step compile traces)."""
-        freqs_cis = text_freqs_cis(self.inv_freq, positions)
+        rope = text_rope(self.inv_freq, positions)
         per_block = self.compiler is not None and not self.compiler.step_traceable
         for i, layer in enumerate(self.model.language_model.model.layers):
-            attend = self._paged_attention(i, layouts[self.cache.group_of[i].name])
+            group = self.cache.group_of[i].name
+            attend = self._paged_attention(i, layouts[group], slots[group])
             routed = self._routed_experts(i, row_weight)
             if per_block:
                 assert self.compiler is not None
-                x = self.compiler.block(layer, x, positions, freqs_cis, opaque(attend), opaque(routed))
+                x = self.compiler.block(layer, x, positions, rope, opaque(attend), opaque(routed))
             else:
-                x = layer(x, positions, freqs_cis, attend, routed)
+                x = layer(x, positions, rope, attend, routed)
         return x
 
-    def _inputs(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids: list[int] = []
-        pos: list[int] = []
-        for c in chunks:
-            ids.extend(c.seq.tokens[c.start : c.start + c.num_tokens])
-            pos.extend(range(c.start, c.start + c.num_tokens))
-        return (torch.tensor(ids, dtype=torch.long, device=self.device),
-                torch.tensor(pos, dtype=torch.long, device=self.device))
-
-    def _embed(self, ids: torch.Tensor, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def _embed(self, batch: StepBatch) -> torch.Tensor:
         """Token embeddings, with each prompt `<|patch|>` row replaced by its image embedding."""
-        x = self.model.language_model.model.embed_tokens(ids)
-        row = 0
-        for c in chunks:
-            start = c.start
-            image_rows = c.seq.image_rows(start, start + c.num_tokens)
-            if image_rows is not None:
-                prompt_end = min(c.num_tokens, c.seq.num_prompt_tokens - start)
-                assert c.seq.patch_token_id is not None  # a prompt with image rows has <|patch|> tokens
-                local = (ids[row : row + prompt_end] == c.seq.patch_token_id).nonzero().squeeze(1) + row
-                x[local] = image_rows.to(device=x.device, dtype=x.dtype)
-            row += c.num_tokens
+        x = self.model.language_model.model.embed_tokens(batch.ids)
+        if batch.image_embeds:
+            rows = torch.cat(batch.image_embeds).to(device=x.device, dtype=x.dtype)
+            x = x.index_copy(0, batch.image_rows, rows)
         return x
 
-    def _paged_attention(self, layer: int, layout: Layout) -> Attend:
-        """Layer `layer`'s attention: write the new KV into the cache, attend over it."""
+    def _paged_attention(self, layer: int, layout: Layout, slots: torch.Tensor) -> Attend:
+        """Layer `layer`'s attention: write the new KV into the cache at `slots`, attend over it."""
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-            self.cache.write(layer, k, v, layout.slots)
+            self.cache.write(layer, k, v, slots)
             return self.attention.forward(q, self.cache.k[layer], self.cache.v[layer], layout, scale)
 
         return attend
 
     def _routed_experts(self, layer: int, row_weight: torch.Tensor) -> RoutedExperts:
-        """Layer `layer`'s routed experts on the expert backend, counting tokens per expert (rows of
-        weight 0, the padding, not counted)."""
+        """Layer `layer`'s routed experts on the expert backend, counting tokens per expert (on the
+        device, no sync; rows of weight 0, the padding, not counted)."""
 
         def routed(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
             weight = row_weight[:, None].expand_as(expert_ids).flatten()

@@ -151,6 +151,15 @@ def test_prompt_file_and_stdin_equal_prompt_offline(checkpoint, capsys, monkeypa
     assert generate_offline(checkpoint, capsys, "--prompt-file", "-") == want
 
 
+def test_fast_path_flags_offline_give_the_same_greedy_tokens(checkpoint, capsys):
+    want = generate_offline(checkpoint, capsys, "--prompt", "Herd")
+    fast = generate_offline(checkpoint, capsys, "--prompt", "Herd", "--expert-kernel", "grouped",
+                            "--attention-backend", "reference")
+    assert fast == want
+    out = herd("generate", "--offline", "--model", str(checkpoint), "--prompt", "a", "--expert-kernel", "fast")
+    assert out.returncode == errors.EXIT_USAGE and "invalid choice: 'fast'" in out.stderr
+
+
 # ---- herd chat -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chunks, printed", [

@@ -28,10 +28,23 @@ def test_shipped_serve_config():
     ({"model": "m", "router_service": {"num_replicas": 0}}, "router_service.num_replicas"),
     ({"model": "m", "engine": {"block_size": "big"}}, "engine.block_size"),
     ({"model": "m", "colour": "blue"}, "colour"),
+    ({"model": "m", "engine": {"expert_kernel": "grouped-typo"}}, "engine.expert_kernel"),
+    ({"model": "m", "experts": {"kernel": "grouped"}}, "experts.kernel"),  # moved to engine.expert_kernel
 ])
 def test_bad_config_names_the_field(args, field):
     with pytest.raises(ValidationError, match=field.replace(".", r"\.")):
         HerdConfig.model_validate(args)
+
+
+def test_expert_kernel_is_an_engine_key_and_auto_picks_by_device():
+    from model.expert_kernel import resolve_expert_kernel
+
+    cfg = HerdConfig.model_validate({"model": "m", "engine": {"expert_kernel": "grouped"}})
+    assert cfg.engine.expert_kernel == "grouped"
+    assert HerdConfig.model_validate({"model": "m"}).engine.expert_kernel == "auto"
+    assert resolve_expert_kernel("auto", "cuda") == "grouped"
+    assert resolve_expert_kernel("auto", "cpu") == "reference"
+    assert resolve_expert_kernel("grouped", "cpu") == "grouped"
 
 
 def test_one_gpu_runs_the_experts_colocated():

@@ -53,7 +53,7 @@ def shards(checkpoint):
              log_to_driver=False)
     try:
         cfg = ExpertsConfig(mode="sharded", num_shards=2, num_cpus_per_shard=1)
-        yield wait_for_shards(get_or_create_pool(str(checkpoint), cfg, "cpu", DTYPE), timeout_s=300)
+        yield wait_for_shards(get_or_create_pool(str(checkpoint), cfg, "cpu", DTYPE, kernel="grouped"), timeout_s=300)
     finally:
         kill_pool()
         ray.shutdown()
