@@ -6,8 +6,8 @@ tokens each, no EOS stop) it prints:
 - output tokens/s including prefill: batch x new tokens / (add the requests .. all finished),
   after one untimed run of the same shape (warm-up, compilation);
 - decode step time: median wall time of the decode-only steps of that run;
-- aten ops per decode step (torch.profiler, one decode step; nested ops included), the attention
-  calls and the host-sync ops among them;
+- aten ops per decode step (torch.profiler, one decode step; ops called from Python, and with the
+  ops nested in them in the JSON), the attention calls and the host-sync ops/calls among them;
 and for `--compare vllm` whether vLLM's greedy tokens equal Herd's reference path's.
 
     python bench/engine_bench.py                                # CPU, small-scout, reference vs fast
@@ -41,10 +41,10 @@ from deployments.engine.attention import ATTENTION_BACKENDS
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
-from deployments.engine.step_profile import prefill_all, profile_step
 from model.device import default_dtype
 from model.expert_kernel import EXPERT_KERNELS
 from model.synth import synthesize
+from tests.deployments.engine.step_ops import profile_step  # the structure tests' op counter
 
 PATHS: dict[str, dict] = {
     "reference": {"attention_backend": "reference", "expert_kernel": "reference"},
@@ -111,16 +111,19 @@ def generate_timed(engine: Engine, prompts: list[list[int]], new_tokens: int, de
 
 
 def count_ops(engine: Engine, prompts: list[list[int]]) -> dict:
-    """Profile one decode step of `len(prompts)` sequences."""
+    """Profile one decode step of `len(prompts)` sequences: aten ops called from Python, attention
+    calls (SDPA + compiled regions, see step_ops.py) and host-sync ops/calls."""
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     for p in prompts:
         engine.add_request(p, params)
-    prefill_all(engine)
+    while engine.scheduler.waiting or any(s.num_uncomputed > 1 for s in engine.scheduler.running):
+        engine.step()  # prefill
     engine.step()  # a first decode step (e.g. compiles), not profiled
-    prof, _ = profile_step(engine)
+    ops = profile_step(engine)
     while engine.has_unfinished():
         engine.step()
-    return {"aten_ops": prof.num_aten_ops, "attention_calls": prof.attention_calls, "sync_ops": prof.sync_ops}
+    return {"aten_ops": sum(ops.top.values()), "aten_ops_nested": sum(ops.all.values()),
+            "attention_calls": ops.attention_calls, "sync_ops": sum(ops.syncs.values())}
 
 
 def run_engine(path: str, ckpt: Path, args, dtype: torch.dtype, prompts: dict[int, list[list[int]]]) -> list[Run]:
@@ -187,7 +190,7 @@ def report(runs: list[Run], args, notes: list[str]) -> str:
              "|---|" + "---|" * len(args.batches)]
     for p in paths:
         lines.append(f"| {p} | " + " | ".join(f"{by[p, b].tokens_per_s:.0f}" for b in args.batches) + " |")
-    lines += ["", "| decode step ms / aten ops per step / attention calls / sync ops | "
+    lines += ["", "| decode step ms / aten ops per step / attention calls / syncs | "
               + " | ".join(f"batch {b}" for b in args.batches) + " |", "|---|" + "---|" * len(args.batches)]
     for p in paths:
         if p == "vllm":

@@ -3,18 +3,21 @@ captured as CUDA graphs per padded batch size (`EngineConfig.compile` / `cuda_gr
 
 Two ways, chosen by what the backends allow:
 
-- **Whole step** (`StepCompiler.step_traceable`): when the attention backend and the expert
-  backend both say `traceable = True` (no host syncs, no Python branching on data: flex attention,
-  grouped experts), the runner's whole forward (embeddings to final hidden states) is one
-  compiled graph. Decode-only batches are padded to a bucket (1, 2, 4, ... max_num_seqs) with
-  dummy one-token sequences that write into a scratch KV block, so each bucket compiles once;
-  with `cuda_graphs` each bucket is compiled with `mode="reduce-overhead"` (CUDA graph trees: one
-  graph replay per step). Prefill and mixed batches are padded to a few token-count buckets and
-  compiled without graphs.
-- **Per block** otherwise (the reference backends: per-sequence loops, `.tolist()`): each decoder
-  block is compiled with the attention and routed-expert calls left opaque
-  (`torch.compiler.disable`), so the norms, projections, RoPE, router and shared expert fuse
-  around them; shapes dynamic, so one compile per kind of layer, whatever the batch.
+- **Whole step** (`StepCompiler.step_traceable`): when the attention backend and the routed
+  experts both trace (no host syncs, no Python branching on data: `flex` attention, `grouped`
+  experts in bf16/fp16 -- `_grouped_mm` has no fp32 meta kernel, so not in fp32), the runner's
+  whole forward (embeddings to final hidden states) is one compiled graph. Decode-only batches
+  are padded to a bucket (1, 2, 4, ... max_num_seqs) with dummy one-token sequences that write
+  into a scratch KV block, so each bucket compiles once; with `cuda_graphs` each bucket is
+  compiled with `mode="reduce-overhead"` (CUDA graph trees: one graph replay per step). Prefill
+  and mixed batches are padded to a few token-count buckets and compiled without graphs. (An
+  opaque call inside the layer loop makes dynamo drop the whole frame to eager and compile each
+  layer's pieces apart: far slower on the CPU, so a step either traces whole or goes per block.)
+- **Per block** otherwise (the reference backends: per-sequence loops, `.tolist()`; or fp32
+  grouped experts): each decoder block is compiled with the attention and routed-expert calls
+  left opaque (`torch.compiler.disable`; flex attention is compiled on its own), so the norms,
+  projections, RoPE, router and shared expert fuse around them; shapes dynamic, so one compile
+  per kind of layer, whatever the batch.
 
 Compile time is bounded: the recompile limit is raised to the number of buckets, nothing more.
 """
@@ -73,6 +76,14 @@ class CompileSettings:
 def opaque(fn: Callable) -> Callable:
     """`fn` called eagerly from compiled code (a graph break, never traced)."""
     return torch.compiler.disable(fn, recursive=True)
+
+
+TRACEABLE_ATTENTION = frozenset({"flex"})
+
+
+def experts_trace(kernel: str, dtype: torch.dtype) -> bool:
+    """Whether the routed experts can be inside a compiled graph: the grouped kernel in 16 bits."""
+    return kernel == "grouped" and dtype in (torch.bfloat16, torch.float16)
 
 
 def _block(layer: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor, attend: Attend,

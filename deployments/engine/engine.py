@@ -19,7 +19,7 @@ from typing import cast
 import torch
 
 from deployments.engine.attention import attention_backend, resolve_attention_backend
-from deployments.engine.compile import CompileSettings, StepCompiler
+from deployments.engine.compile import TRACEABLE_ATTENTION, CompileSettings, StepCompiler, experts_trace
 from deployments.engine.config import EngineConfig
 from deployments.engine.experts import ColocatedExperts, ExpertBackend, ExpertBackendUnavailable
 from deployments.engine.kv_cache import KVCache
@@ -77,7 +77,7 @@ class Engine:
             self.kv, model.device)
         experts = experts or ColocatedExperts(model)
         self.runner = ModelRunner(model, self.kv, cache, experts, attention,
-                                 self._compiler(attention, experts, model.device))
+                                 self._compiler(model.device))
         self.scheduler = Scheduler(self.config, self.kv)
         self.sampler = Sampler()
         self.max_model_len = min(self.config.max_model_len or text.max_position_embeddings,
@@ -90,7 +90,7 @@ class Engine:
         log.info("engine ready: %s; max_model_len %d", ", ".join(f"{g.name} KV {g.num_blocks} blocks x "
                  f"{len(g.layers)} layers" for g in groups), self.max_model_len)
 
-    def _compiler(self, attention: object, experts: object, device: torch.device) -> StepCompiler | None:
+    def _compiler(self, device: torch.device) -> StepCompiler | None:
         """The step compiler `config.compile` / `cuda_graphs` ask for on `device` (None: eager)."""
         try:
             settings = CompileSettings.resolve(self.config.compile, self.config.cuda_graphs, device)
@@ -98,10 +98,12 @@ class Engine:
             raise ConfigError(f"engine config: {e}") from None
         if not settings.compile:
             return None
-        traceable = getattr(attention, "traceable", False), getattr(experts, "traceable", False)
+        backend = resolve_attention_backend(self.config.attention_backend, device)
+        kernel = resolve_expert_kernel(self.config.expert_kernel, device)
+        traceable = backend in TRACEABLE_ATTENTION, experts_trace(kernel, self.model.dtype)
         if settings.cuda_graphs and not all(traceable):
-            log.info("cuda_graphs: the %s attention backend or the expert backend does not trace; compiling per "
-                     "decoder block without graphs", self.config.attention_backend)
+            log.info("cuda_graphs: attention %s / experts %s in %s do not trace: compiling without CUDA graphs",
+                     backend, kernel, self.model.dtype)
             settings = CompileSettings(True, False, settings.backend)
         return StepCompiler(settings, self.kv, self.config.max_num_seqs, attention_traceable=traceable[0],
                             experts_traceable=traceable[1])
