@@ -32,7 +32,15 @@ class EngineConfig(BaseModel):
         "step made progress for this long (Serve then replaces the replica); above the longest expected step"
     )
     attention_backend: str = Field(
-        "reference", description="attention over the paged KV cache (deployments/engine/attention/registry.py)"
+        "reference", description="attention over the paged KV cache (deployments/engine/attention/registry.py): "
+        "reference (SDPA per sequence), flex (compiled flex_attention, one call per layer) or auto (flex on CUDA)"
+    )
+    compile: bool | None = Field(
+        None, description="torch.compile the step (deployments/engine/compile.py); None: on for CUDA, off on the CPU"
+    )
+    cuda_graphs: bool | None = Field(
+        None, description="capture decode steps as CUDA graphs per padded batch size (needs compile and backends "
+        "that trace: flex attention, grouped experts); None: on for CUDA"
     )
 
     expert_kernel: str = Field(
@@ -48,6 +56,6 @@ class EngineConfig(BaseModel):
     @field_validator("attention_backend")
     @classmethod
     def _known_backend(cls, name: str) -> str:
-        from deployments.engine.attention.registry import ATTENTION_BACKENDS
+        from deployments.engine.attention.registry import ATTENTION_BACKENDS, AUTO
 
-        return check_known("attention backend", name, ATTENTION_BACKENDS)
+        return check_known("attention backend", name, [*ATTENTION_BACKENDS, AUTO])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from deployments.engine.attention import AttentionBackend, Layout
+from deployments.engine.compile import StepCompiler, opaque
 from deployments.engine.experts import ExpertBackend
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.kv_manager import KVManager
@@ -27,7 +28,7 @@ from model.text import Attend
 
 class ModelRunner:
     def __init__(self, model: Llama4, kv: KVManager, cache: KVCache, experts: ExpertBackend,
-                 attention: AttentionBackend):
+                 attention: AttentionBackend, compiler: StepCompiler | None = None):
         self.model = model
         self.kv = kv
         self.cache = cache
@@ -40,20 +41,42 @@ class ModelRunner:
         self.device = model.device
         self.inv_freq = text_inv_freq(model.cfg.text, self.device)
         self.inputs = StepInputs(kv, self.device)
+        self.compiler = compiler
+        self._forward_decode = self._forward_prefill = self._forward
+        if compiler is not None and compiler.step_traceable:
+            self._forward_decode, self._forward_prefill = compiler.compile_step(self._forward)
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits `[num_sampling_chunks, vocab]` (fp32), in the order of the sampling chunks."""
-        batch = self.inputs.stage(chunks)
-        layouts = {g.name: self.attention.layout(g, chunks) for g in self.kv.groups}
+        run, decode_only = chunks, False
+        if self.compiler is not None and self.compiler.step_traceable:
+            run, decode_only = self.compiler.pad(chunks)  # padding chunks come after the real ones, never sample
+        batch = self.inputs.stage(run)
+        layouts = {g.name: self.attention.layout(g, run) for g in self.kv.groups}
         x = self._embed(batch)
-        rope = text_rope(self.inv_freq, batch.positions)
-        for i, layer in enumerate(self.model.language_model.model.layers):
-            group = self.cache.group_of[i].name
-            attend = self._paged_attention(i, layouts[group], batch.slots[group])
-            x = layer(x, batch.positions, rope, attend, self._routed_experts(i))
+        row_weight = torch.zeros(x.shape[0], dtype=torch.long, device=self.device)  # 1 for real rows, 0 padding
+        row_weight[: sum(c.num_tokens for c in chunks)] = 1
+        forward = self._forward_decode if decode_only else self._forward_prefill
+        x = forward(x, batch.positions, layouts, batch.slots, row_weight)
         text = self.model.language_model
         return text.lm_head(text.model.norm(x[batch.sample_rows])).float()
+
+    def _forward(self, x: torch.Tensor, positions: torch.Tensor, layouts: dict[str, Layout],
+                 slots: dict[str, torch.Tensor], row_weight: torch.Tensor) -> torch.Tensor:
+        """The decoder layers over embeddings `x` `[T, hidden]` (what the whole-step compile traces)."""
+        rope = text_rope(self.inv_freq, positions)
+        per_block = self.compiler is not None and not self.compiler.step_traceable
+        for i, layer in enumerate(self.model.language_model.model.layers):
+            group = self.cache.group_of[i].name
+            attend = self._paged_attention(i, layouts[group], slots[group])
+            routed = self._routed_experts(i, row_weight)
+            if per_block:
+                assert self.compiler is not None
+                x = self.compiler.block(layer, x, positions, rope, opaque(attend), opaque(routed))
+            else:
+                x = layer(x, positions, rope, attend, routed)
+        return x
 
     def _embed(self, batch: StepBatch) -> torch.Tensor:
         """Token embeddings, with each prompt `<|patch|>` row replaced by its image embedding."""
@@ -72,12 +95,13 @@ class ModelRunner:
 
         return attend
 
-    def _routed_experts(self, layer: int) -> RoutedExperts:
-        """Layer `layer`'s routed experts on the expert backend, counting tokens per expert."""
+    def _routed_experts(self, layer: int, row_weight: torch.Tensor) -> RoutedExperts:
+        """Layer `layer`'s routed experts on the expert backend, counting tokens per expert (on the
+        device, no sync; rows of weight 0, the padding, not counted)."""
 
         def routed(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            flat = expert_ids.flatten()
-            self.expert_tokens.scatter_add_(0, flat, torch.ones_like(flat))  # on the device: no sync
+            weight = row_weight[:, None].expand_as(expert_ids).flatten()
+            self.expert_tokens.scatter_add_(0, expert_ids.flatten(), weight)
             return self.experts.run(layer, x, expert_ids, scores)
 
         return routed

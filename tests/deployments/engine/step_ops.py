@@ -1,10 +1,11 @@
 """Counting what one engine step runs, with torch.profiler on the CPU (the structure tests' helper).
 
 `profile_step(engine)` runs `engine.step()` once and returns `StepOps`: the aten ops called from
-Python (top level: an op not nested in another aten op), every aten op, and the torch functions
-and tensor methods Python called (`tolist`, `item`, ... which read the device without an aten op
-on the CPU). Structure tests assert on these counts; the attention-call count of a fast attention
-backend is read the same way (`ops.top[name]`)."""
+Python (top level: an op not nested in another aten op), every aten op, the calls into compiled
+code (`torch.compile` regions: the flex attention backend makes one per layer), and the torch
+functions and tensor methods Python called (`tolist`, `item`, ... which read the device without an
+aten op on the CPU). Structure tests assert on these counts, and `bench/engine_bench.py` prints
+them per decode step."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ class StepOps:
     top: Counter  # aten ops called from Python
     all: Counter  # every aten op, nested ones included
     calls: Counter  # torch functions / Tensor methods called from Python, by name
+    compiled_regions: int = 0  # calls into torch.compile'd code ("Torch-Compiled Region" events)
+
+    @property
+    def attention_calls(self) -> int:
+        """SDPA calls from Python plus compiled regions (each flex attention call is one; count
+        only with backends whose compiled code is attention alone)."""
+        return self.top["aten::scaled_dot_product_attention"] + self.compiled_regions
 
     @property
     def gemms(self) -> int:
@@ -52,7 +60,10 @@ def profile_step(engine) -> StepOps:
         engine.step()
     top: Counter = Counter()
     every: Counter = Counter()
+    regions = 0
     for event in prof.events():
+        if event.name.startswith("Torch-Compiled Region"):
+            regions += 1
         if not event.name.startswith("aten::"):
             continue
         every[event.name] += 1
@@ -61,4 +72,4 @@ def profile_step(engine) -> StepOps:
             parent = parent.cpu_parent
         if parent is None:
             top[event.name] += 1
-    return StepOps(top, every, mode.calls)
+    return StepOps(top, every, mode.calls, regions)

@@ -1,7 +1,10 @@
 """Greedy generation of the engine equals transformers' `generate`, token for token: one request
 (and its logits, step by step), 16 concurrent requests joining and leaving at different steps with
-prompts split by chunked prefill, image prompts, and across preemption; with each expert kernel
-(`reference`, and `grouped`, the fast path's)."""
+prompts split by chunked prefill, image prompts, and across preemption; and its logits equal
+transformers' over 40 decode steps of a batch mixing prefill chunks and decode rows. Every test
+runs on each engine path: attention backend (`reference`, `flex`) x expert kernel (`reference`,
+`grouped`); flex + grouped is the fast path (`flex` compiles once per model: every step here fits
+the 16-token bucket)."""
 
 import random
 
@@ -16,13 +19,17 @@ from deployments.engine.params import SamplingParams
 from tests.conftest import reference_logits
 from tests.deployments.engine.conftest import hf_greedy
 
-SMALL_STEPS = EngineConfig(block_size=4, max_num_batched_tokens=16, max_num_seqs=16)
-KERNELS = pytest.mark.parametrize("kernel", ["reference", "grouped"])
+# Both KV groups get 512 blocks: caches of one shape, so `flex` compiles once for every test here
+# and in test_engine_behaviour / test_flex_attention (the tiny presets share their attention shape).
+SMALL_STEPS = EngineConfig(block_size=4, max_num_batched_tokens=16, max_num_seqs=16, num_blocks_full=512,
+                           num_blocks_chunked=512)
+PATHS = pytest.mark.parametrize("backend,kernel", [("reference", "reference"), ("flex", "reference"),
+                                                   ("reference", "grouped"), ("flex", "grouped")])
 LOGITS_TOL = 1e-4
 
 
-def small_steps(kernel: str, **update) -> EngineConfig:
-    return SMALL_STEPS.model_copy(update={"expert_kernel": kernel, **update})
+def small_steps(backend: str, kernel: str, **update) -> EngineConfig:
+    return SMALL_STEPS.model_copy(update={"attention_backend": backend, "expert_kernel": kernel, **update})
 
 
 def greedy(n: int) -> SamplingParams:
@@ -34,13 +41,13 @@ def prompts(count: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(3, 500) for _ in range(rng.randrange(3, 60))] for _ in range(count)]
 
 
-@KERNELS
+@PATHS
 @pytest.mark.parametrize("ckpt", ["scout_ckpt", "maverick_ckpt"])
-def test_single_request(request, ckpt, kernel):
+def test_single_request(request, ckpt, backend, kernel):
     """32 decode steps past a chunked prefill: the same greedy tokens as transformers, and every
     step's logits within 1e-4 of transformers' on the same tokens."""
     ref, path = request.getfixturevalue(ckpt)
-    engine = Engine.from_pretrained(path, small_steps(kernel))
+    engine = Engine.from_pretrained(path, small_steps(backend, kernel))
     steps: list[torch.Tensor] = []
     execute = engine.runner.execute
     engine.runner.execute = lambda chunks: steps.append(execute(chunks)) or steps[-1]  # type: ignore[method-assign]
@@ -72,11 +79,11 @@ def run_staggered(engine: Engine, batch: list[list[int]], lengths: list[int]) ->
     return got
 
 
-@KERNELS
+@PATHS
 @pytest.mark.parametrize("ckpt", ["scout_ckpt", "maverick_ckpt"])
-def test_sixteen_concurrent_requests(request, ckpt, kernel):
+def test_sixteen_concurrent_requests(request, ckpt, backend, kernel):
     ref, path = request.getfixturevalue(ckpt)
-    engine = Engine.from_pretrained(path, small_steps(kernel))
+    engine = Engine.from_pretrained(path, small_steps(backend, kernel))
     batch = prompts(16, seed=2)
     lengths = [random.Random(i).randrange(2, 20) for i in range(16)]
     got = run_staggered(engine, batch, lengths)
@@ -85,11 +92,11 @@ def test_sixteen_concurrent_requests(request, ckpt, kernel):
     assert all(pool.num_used == 0 for pool in engine.kv.pools.values())
 
 
-@KERNELS
-def test_preemption_keeps_tokens_exact(scout_ckpt, kernel):
+@PATHS
+def test_preemption_keeps_tokens_exact(scout_ckpt, backend, kernel):
     ref, path = scout_ckpt
-    cfg = small_steps(kernel, num_blocks_full=48, enable_prefix_caching=False)
-    engine = Engine.from_pretrained(path, cfg)
+    engine = Engine.from_pretrained(path, small_steps(backend, kernel, num_blocks_full=48, num_blocks_chunked=48,
+                                                     enable_prefix_caching=False))
     batch = prompts(16, seed=3)
     lengths = [16] * 16
     got = run_staggered(engine, batch, lengths)
@@ -99,11 +106,11 @@ def test_preemption_keeps_tokens_exact(scout_ckpt, kernel):
     assert all(pool.num_used == 0 for pool in engine.kv.pools.values())
 
 
-@KERNELS
+@PATHS
 @pytest.mark.parametrize("ckpt", ["scout_ckpt", "maverick_ckpt"])
-def test_image_prompts(request, ckpt, kernel):
+def test_image_prompts(request, ckpt, backend, kernel):
     ref, path = request.getfixturevalue(ckpt)
-    engine = Engine.from_pretrained(path, small_steps(kernel))
+    engine = Engine.from_pretrained(path, small_steps(backend, kernel))
     processor = engine.model.image_processor
     images = [Image.effect_noise((150, 60), 40).convert("RGB"), Image.effect_noise((30, 50), 60).convert("RGB")]
     image = engine.tokenizer.image_ids.image
@@ -112,3 +119,43 @@ def test_image_prompts(request, ckpt, kernel):
     tiles = torch.cat([processor.preprocess(img).pixel_values for img in images])
     [out] = engine.generate([ids], greedy(12), images=[inputs])
     assert out.token_ids == hf_greedy(ref, ids, 12, tiles)
+
+
+@PATHS
+@pytest.mark.parametrize("ckpt", ["scout_ckpt", "maverick_ckpt"])
+def test_logits_equal_transformers_over_40_decode_steps(request, ckpt, backend, kernel):
+    """Four requests (prompts of 9-31 tokens, so every prefill crosses an 8-token attention chunk)
+    join two steps apart: steps mix prefill chunks and decode rows. Every sampled row's logits
+    equal transformers' forward over the same tokens, and greedy tokens equal its `generate`."""
+    ref, path = request.getfixturevalue(ckpt)
+    engine = Engine.from_pretrained(path, small_steps(backend, kernel))
+    logits: dict[str, dict[int, torch.Tensor]] = {}  # request -> position of the sampled row -> logits
+    execute = engine.runner.execute
+
+    def recording(chunks):
+        out = execute(chunks)
+        for c, row in zip([c for c in chunks if c.samples], out, strict=True):
+            logits.setdefault(c.seq.request_id, {})[c.start + c.num_tokens - 1] = row.clone()
+        return out
+
+    engine.runner.execute = recording
+    batch = [[random.Random(i).randrange(3, 500) for _ in range(n)] for i, n in enumerate([9, 31, 17, 24])]
+    got: dict[str, list[int]] = {}
+    for i, ids in enumerate(batch):
+        engine.add_request(ids, greedy(40), request_id=str(i))
+        for _ in range(2):
+            for out in engine.step():
+                got.setdefault(out.request_id, []).extend(out.token_ids)
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.token_ids)
+    for i, ids in enumerate(batch):
+        assert got[str(i)] == hf_greedy(ref, ids, 40), f"request {i}"
+        tokens = torch.tensor(ids + got[str(i)][:-1])[None]
+        with torch.no_grad():
+            want = ref.language_model(input_ids=tokens).logits[0]
+        rows = logits[str(i)]
+        assert sorted(rows) == list(range(len(ids) - 1, len(ids) + 39))
+        for p, row in rows.items():
+            err = (row - want[p]).abs().max().item()
+            assert err <= 1e-4, f"request {i}, position {p}: logits differ by {err:.2e}"
