@@ -84,6 +84,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--attention-backend", default="reference",
+                   help="with --offline: how attention reads the paged KV cache (engine.attention_backend): "
+                        "reference, flex (compiled flex_attention) or auto (flex on CUDA) (default reference)")
     p.add_argument("--json", action="store_true",
                    help='print {"token_ids": [...], "text": "...", "finish_reason": "..."} (generated ids only)')
     p.set_defaults(func=_generate)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Completion, Engine
 from deployments.engine.inputs import image_digest, prepare_prompt
 from deployments.engine.params import SamplingParams
@@ -21,8 +22,9 @@ def parse_ids(text: str) -> list[int]:
 
 
 def run_offline(args: argparse.Namespace) -> Completion:
+    config = EngineConfig(attention_backend=args.attention_backend)
     dtype = default_dtype(args.device)
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype)
+    engine = Engine.from_pretrained(args.model, config, device=args.device, dtype=dtype)
     tok = engine.tokenizer
     data = [Path(f).read_bytes() for f in args.image]
     ImageLimits().check_count(len(data))

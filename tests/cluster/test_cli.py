@@ -151,6 +151,15 @@ def test_prompt_file_and_stdin_equal_prompt_offline(checkpoint, capsys, monkeypa
     assert generate_offline(checkpoint, capsys, "--prompt-file", "-") == want
 
 
+def test_attention_backend_flag_offline(checkpoint, capsys):
+    want = generate_offline(checkpoint, capsys, "--prompt", "hi")
+    # auto is the reference backend on the CPU
+    assert generate_offline(checkpoint, capsys, "--prompt", "hi", "--attention-backend", "auto") == want
+    assert main(["generate", "--offline", "--model", str(checkpoint), "--prompt", "hi",
+                 "--attention-backend", "flesh"]) == errors.EXIT_FAILED
+    assert "unknown attention backend 'flesh': choose one of ['auto', 'flex', 'reference']" in capsys.readouterr().err
+
+
 # ---- herd chat -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chunks, printed", [
