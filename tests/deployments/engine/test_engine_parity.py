@@ -158,7 +158,8 @@ def test_flex_runs_in_bf16(scout_ckpt):
 
         def recording(chunks, execute=execute, backend=backend):
             out = execute(chunks)
-            first.setdefault(backend, out)
+            if len(out):  # the first step that samples (the same chunks on both backends)
+                first.setdefault(backend, out)
             return out
 
         engine.runner.execute = recording
