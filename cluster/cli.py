@@ -87,9 +87,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--attention-backend", choices=sorted(ATTENTION_BACKENDS),
-                   help="with --offline: attention over the paged KV cache (engine.attention_backend; default: "
-                        "the engine's)")
+    p.add_argument("--attention-backend", choices=[*sorted(ATTENTION_BACKENDS), "auto"],
+                   help="with --offline: attention over the paged KV cache (engine.attention_backend; auto: "
+                        "flex on CUDA, reference elsewhere; default: the engine's)")
     p.add_argument("--expert-kernel", choices=list(KERNEL_CHOICES),
                    help="with --offline: the routed experts' kernel (engine.expert_kernel; default auto: grouped "
                         "on CUDA, reference elsewhere)")

@@ -160,6 +160,14 @@ def test_fast_path_flags_offline_give_the_same_greedy_tokens(checkpoint, capsys)
     assert out.returncode == errors.EXIT_USAGE and "invalid choice: 'fast'" in out.stderr
 
 
+def test_attention_backend_flag_offline(checkpoint, capsys):
+    want = generate_offline(checkpoint, capsys, "--prompt", "hi")
+    # auto is the reference backend on the CPU
+    assert generate_offline(checkpoint, capsys, "--prompt", "hi", "--attention-backend", "auto") == want
+    out = herd("generate", "--offline", "--model", str(checkpoint), "--prompt", "hi", "--attention-backend", "flesh")
+    assert out.returncode == errors.EXIT_USAGE and "invalid choice: 'flesh'" in out.stderr
+
+
 # ---- herd chat -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chunks, printed", [

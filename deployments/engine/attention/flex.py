@@ -43,6 +43,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from torch.nn.attention.flex_attention import FlexKernelOptions
+
     from deployments.engine.kv_manager import KVGroup, KVManager
     from deployments.engine.scheduler import ScheduledChunk
 
@@ -212,6 +214,13 @@ class FlexBackend:
     def _to_device(self, host: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(host).to(self.device, non_blocking=True)
 
+    def _kernel_options(self, block_size: int) -> FlexKernelOptions | None:
+        """On CUDA: the general kernel (not flex decoding) with tiles as small as the block mask's
+        (16 query rows, one cache block of keys). Unmeasured: no GPU has run this yet."""
+        if self.device.type != "cuda":
+            return None
+        return {"FORCE_USE_FLEX_ATTENTION": True, "BLOCK_M": 16, "BLOCK_N": block_size}
+
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: FlexLayout,
                 scale: float) -> torch.Tensor:
         num_tokens, heads, dim = q.shape
@@ -224,6 +233,7 @@ class FlexBackend:
         k = k_cache.view(1, num_blocks * bs, kv_heads, dim).transpose(1, 2)
         v = v_cache.view(1, num_blocks * bs, kv_heads, dim).transpose(1, 2)
         attend = _compiled_flex if self.compiled else flex_attention
-        out = attend(qp, k, v, block_mask=layout.block_mask(group), scale=scale)
+        out = attend(qp, k, v, block_mask=layout.block_mask(group), scale=scale,
+                     kernel_options=self._kernel_options(bs))
         assert isinstance(out, torch.Tensor)  # no lse requested
         return out.view(kv_heads, t_pad, group, dim).transpose(0, 1).reshape(t_pad, heads, dim)[:num_tokens]
