@@ -8,6 +8,10 @@ crash a replica.
 Besides the OpenAI routes, HTTP has what clients and benchmarks (guidellm, vLLM's own scripts) probe
 first, as vLLM serves them: `GET /health` (200 when a router-service replica answers, 503 with an
 OpenAI-style error body otherwise) and `GET /version` (herd's package version and the served model).
+
+Every other route and RPC needs an API key when `auth` is on (`Authorization: Bearer <key>`, on gRPC
+as `authorization` metadata): 401 / UNAUTHENTICATED without a valid one, before the body is read.
+The key decides the request's tenant, hence its prefix-cache namespace (deployments/auth.py).
 """
 
 
@@ -27,6 +31,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments import openai_api as oai
+from deployments.auth import Authenticator, Principal
 from deployments.config import HerdConfig
 from deployments.engine.output import RequestOutput
 from deployments.engine.sequence import ImageInput
@@ -66,7 +71,9 @@ def _set_grpc_error(grpc_context, error: Exception) -> None:
 def _http_error(error: Exception) -> JSONResponse:
     err = classify(error)
     log.info("HTTP request failed: %d %s", err.http_status, err.message)
-    return JSONResponse(oai.error_body(err.message, err.type, err.http_status), status_code=err.http_status)
+    headers = {"WWW-Authenticate": "Bearer"} if err.http_status == 401 else None
+    return JSONResponse(oai.error_body(err.message, err.type, err.http_status), status_code=err.http_status,
+                        headers=headers)
 
 
 @serve.deployment
@@ -77,6 +84,7 @@ class Ingress:
     def __init__(self, config: dict, router_service: DeploymentHandle, vision: DeploymentHandle):
         route_to_serve_logs()
         self.cfg = HerdConfig.model_validate(config)
+        self.auth = Authenticator.from_config(self.cfg.auth)
         self.model_cfg = Llama4Config.from_dir(self.cfg.model)
         self.tokenizer = Tokenizer.from_dir(self.cfg.model)
         self.router_service = router_service
@@ -130,9 +138,18 @@ class Ingress:
         return ids, [ImageInput(embeds, d) for (_, embeds), d in zip(results, digests, strict=True)]
 
     # ---- gRPC --------------------------------------------------------------------------------
+    def _grpc_principal(self, grpc_context) -> Principal | None:
+        metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+        return self.auth.principal(metadata.get("authorization"), "metadata `authorization: Bearer <key>`")
+
+    def _grpc_request(self, request: pb.GenerateRequest, grpc_context) -> GenerationRequest:
+        principal = self._grpc_principal(grpc_context)
+        req = request_from_pb(request)
+        return replace(req, tenant=self.auth.cache_salt(principal, req.tenant, "tenant"))
+
     async def Generate(self, request: pb.GenerateRequest, grpc_context):  # noqa: N802 (gRPC method name)
         try:
-            async for delta in self.stream(request_from_pb(request)):
+            async for delta in self.stream(self._grpc_request(request, grpc_context)):
                 yield response_from_output(delta)
         except Exception as e:  # every failure becomes a status code
             _set_grpc_error(grpc_context, e)
@@ -140,12 +157,18 @@ class Ingress:
 
     async def GenerateUnary(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:  # noqa: N802
         try:
-            return response_from_output(join_outputs([d async for d in self.stream(request_from_pb(request))]))
+            req = self._grpc_request(request, grpc_context)
+            return response_from_output(join_outputs([d async for d in self.stream(req)]))
         except Exception as e:
             _set_grpc_error(grpc_context, e)
             raise
 
-    async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:  # noqa: N802
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:  # noqa: N802
+        try:
+            self._grpc_principal(grpc_context)
+        except Exception as e:
+            _set_grpc_error(grpc_context, e)
+            raise
         info = pb.ModelInfo(id=self.cfg.model_name, max_model_len=self.model_cfg.text.max_position_embeddings,
                             multimodal=self.model_cfg.vision is not None)
         return pb.ListModelsResponse(models=[info])
@@ -182,8 +205,15 @@ class Ingress:
         return {"version": HERD_VERSION, "model": self.cfg.model_name}
 
     # ---- OpenAI HTTP -------------------------------------------------------------------------
+    def _http_principal(self, request: Request) -> Principal | None:
+        return self.auth.principal(request.headers.get("authorization"), "the header `Authorization: Bearer <key>`")
+
     @app.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request):
+        try:
+            self._http_principal(request)
+        except Exception as e:
+            return _http_error(e)
         return oai.models_list([self.cfg.model_name], created=int(time.time()))
 
     @app.post("/v1/chat/completions")
@@ -210,12 +240,14 @@ class Ingress:
     async def _http(self, request: Request, chat: bool):
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         try:
+            principal = self._http_principal(request)  # before any work on the body
             body = oai.decode_body(await self._body(request), self.cfg.limits.max_body_bytes)
             parsed = oai.parse_chat_request(body) if chat else oai.parse_completion_request(body)
             if isinstance(parsed, oai.CompletionRequest) and isinstance(parsed.prompt, list):
                 oai.check_prompt_token_ids(parsed.prompt, self.model_cfg.text.vocab_size)
-            req = oai.to_generation_request(parsed, request_id=request_id,
-                                            tenant_header=request.headers.get("x-herd-tenant"))
+            req = oai.to_generation_request(parsed, request_id=request_id)
+            req = replace(req, tenant=self.auth.cache_salt(principal, request.headers.get("x-herd-tenant") or "",
+                                                           "x-herd-tenant", user=parsed.user or ""))
             if parsed.stream:
                 first = await self._first(req)
                 return StreamingResponse(self._sse(req, first, chat, parsed), media_type="text/event-stream")
