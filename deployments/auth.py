@@ -160,7 +160,7 @@ class KeyStore:
         if not keys_file and not keys_env:
             raise KeyStoreError("auth is on but no keys are configured: set auth.keys_file (a key store that "
                                 "`herd keys add` writes) or auth.keys_env, or auth.enabled: false")
-        self.path = Path(keys_file) if keys_file else None
+        self.path = Path(keys_file).expanduser() if keys_file else None
         self._stat: tuple | None = None
         self._text: str | None = None
         self._file: dict[str, KeyRecord] = {}
