@@ -10,23 +10,28 @@ PASSWORD = "pw-7f3c9e1d-not-in-any-configmap"
 RAY_UID, REDIS_UID = 1000, 999
 
 
+def redis_secrets(docs: list[dict]) -> list[dict]:
+    """The Secrets of the Redis password (the API keys have one of their own: test_auth_chart.py)."""
+    return [s for s in by_kind(docs, "Secret") if s["metadata"]["labels"]["app.kubernetes.io/component"] == "redis"]
+
+
 def test_password_appears_only_inside_the_secret(helm):
     docs = render("--set", f"redis.auth.password={PASSWORD}")
     for doc in docs:
         if doc["kind"] != "Secret":
             assert PASSWORD not in yaml.safe_dump(doc), f"{doc['kind']}/{doc['metadata']['name']}"
-    (secret,) = by_kind(docs, "Secret")
+    (secret,) = redis_secrets(docs)
     assert base64.b64decode(secret["data"]["password"]).decode() == PASSWORD
 
 
 def test_generated_password_is_long_and_random(renders):
-    (secret,) = by_kind(renders["default"], "Secret")
+    (secret,) = redis_secrets(renders["default"])
     assert len(base64.b64decode(secret["data"]["password"])) >= 32
 
 
 def test_existing_secret_is_used_and_none_is_made(renders):
     docs = renders["external-redis"]
-    assert not by_kind(docs, "Secret")
+    assert not redis_secrets(docs)
     refs = {env["valueFrom"]["secretKeyRef"]["name"] for _, spec in pod_specs(docs)
             for c in containers(spec) for env in c.get("env", []) if "valueFrom" in env}
     assert refs == {"herd-redis-auth"}

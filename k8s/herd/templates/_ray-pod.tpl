@@ -79,6 +79,7 @@ livenessProbe:
 {{- define "herd.ray.volumeMounts" -}}
 - name: dshm
   mountPath: /dev/shm
+{{- include "herd.auth.volumeMount" .root }}
 {{- if .mountModel }}
 - name: model
   mountPath: {{ .root.Values.model.mountPath }}
@@ -92,6 +93,7 @@ livenessProbe:
   emptyDir:
     medium: Memory
     sizeLimit: {{ .shmSize }}
+{{- include "herd.auth.volume" .root }}
 {{- if .mountModel }}
 - name: model
   {{- if eq $model.source "pvc" }}
