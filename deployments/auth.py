@@ -18,7 +18,8 @@ the key is an admin key, which may act for any tenant; the OpenAI `user` field (
 in OpenAI's API) is ignored for tenancy. With auth off the tenant is self-asserted (gRPC `tenant`,
 `x-herd-tenant`, else `user`), and a request that names none is anonymous: it gets a salt of its
 own (no prefix-cache hits across requests, in either tier) unless `auth.shared_anonymous_cache`.
-Namespaces cannot meet: a tenant's salt is `tenant:<name>`, an anonymous request's `anon:<random>`.
+Namespaces cannot meet: a tenant's salt is `tenant:<name>`, an anonymous request's `anon:<random>`
+(whose chunks the shared tier neither looks up nor stores: nobody could read them).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ KEY_PREFIX = "herd_"
 KEY_ID_HEX = 12
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ADMIN_TENANT = "admin"
+PRIVATE_SALT_PREFIX = "anon:"  # + a random id: one anonymous request's cache namespace
 RACY_S = 2.0  # a key file changed this recently is read again on every lookup
 _KEY_SHAPE = re.compile(rf"{KEY_PREFIX}([0-9a-f]{{{KEY_ID_HEX}}})_[A-Za-z0-9_-]{{20,}}")
 
@@ -191,7 +193,8 @@ class KeyStore:
             if text != self._text:
                 self._file = parse_records(text, str(self.path))
                 self._text = text
-                log.info("API keys: %d loaded from %s", len(self._file), self.path)
+                log.log(logging.DEBUG if strict else logging.INFO, "API keys: %d loaded from %s", len(self._file),
+                        self.path)
             self._stat = stat
         except (OSError, KeyStoreError) as e:
             if strict:
@@ -254,4 +257,9 @@ class Authenticator:
         tenant = claimed or user
         if tenant:
             return "tenant:" + tenant
-        return "" if self.shared_anonymous_cache else "anon:" + uuid.uuid4().hex
+        return "" if self.shared_anonymous_cache else PRIVATE_SALT_PREFIX + uuid.uuid4().hex
+
+
+def is_private_salt(salt: str) -> bool:
+    """The salt of one anonymous request: its chunks are never looked up in nor written to Redis."""
+    return salt.startswith(PRIVATE_SALT_PREFIX)
