@@ -246,3 +246,36 @@ def test_keys_errors_are_one_line(tmp_path):
     (tmp_path / "keys.json").write_text("{}")
     out = herd("keys", "list", "--keys-file", store)
     assert out.returncode == errors.EXIT_FAILED and "is not a herd key store" in one_line_error(out)
+
+
+def test_up_with_auth_makes_its_key_store_and_an_admin_key_once(tmp_path, monkeypatch):
+    """What `herd up` deploys (cluster.launcher.with_auth): herd up's own key store and an admin key on
+    first start, nothing new after; a key store the config names is checked; --no-auth makes no key."""
+    from cluster.launcher import ClusterError, with_auth
+    from deployments.auth import KeyStore
+    from deployments.config import HerdConfig
+
+    monkeypatch.setenv("HERD_HOME", str(tmp_path))
+    cfg, made = with_auth(HerdConfig(model="m"))
+    assert cfg.auth.keys_file == str(tmp_path / "keys.json") and made is not None
+    key, key_id = made
+    assert (tmp_path / "admin-key").read_text().strip() == key
+    assert oct((tmp_path / "admin-key").stat().st_mode & 0o777) == "0o600"
+    principal = KeyStore(cfg.auth.keys_file).lookup(key)
+    assert principal.admin and principal.key_id == key_id
+    assert with_auth(HerdConfig(model="m")) == (cfg, None)  # the second start shows no key
+    with pytest.raises(ClusterError, match="does not exist"):
+        with_auth(HerdConfig(model="m", auth={"keys_file": str(tmp_path / "nope.json")}))
+    off = HerdConfig(model="m", auth={"enabled": False})
+    assert with_auth(off) == (off, None)
+
+
+def test_up_no_auth_deploys_without_keys(tmp_path, monkeypatch, checkpoint):
+    from cluster.launcher import State
+
+    deployed = []
+    monkeypatch.setenv("HERD_HOME", str(tmp_path))
+    monkeypatch.setattr("cluster.launcher.up", lambda cfg, ports, replace_app: deployed.append(cfg) or State())
+    assert main(["up", "--model", str(checkpoint), "--no-auth"]) == 0
+    assert main(["up", "--model", str(checkpoint)]) == 0
+    assert [c.auth.enabled for c in deployed] == [False, True]
