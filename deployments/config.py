@@ -134,6 +134,20 @@ class RedisConfig(_Frozen):
         return self
 
 
+class AuthConfig(_Frozen):
+    """API keys and tenants (deployments/auth.py). On by default: a deployment serves only requests
+    with a key from its key store, and a key's tenant is the request's tenant."""
+
+    enabled: bool = Field(True, description="false: no keys; the tenant is self-asserted (local play only)")
+    keys_file: str | None = Field(None, description="key store JSON file (hashes only; re-read when it changes): "
+                                  "`herd keys add` writes it, herd up's is $HERD_HOME/keys.json, on Kubernetes "
+                                  "a mounted Secret")
+    keys_env: str | None = Field(None, description="environment variable holding a key store's JSON (read at start)")
+    shared_anonymous_cache: bool = Field(
+        False, description="auth off: requests that name no tenant share one prefix-cache namespace (default: "
+        "each gets its own, so no anonymous request can probe another's prompts through cached_tokens)")
+
+
 class RoutingConfig(_Frozen):
     policy: str = Field(
         "prefix_affinity",
@@ -173,6 +187,7 @@ class HerdConfig(_Frozen):
     routing: RoutingConfig = Field(
         default_factory=RoutingConfig, description="how the Ingress picks the router-service replica of each request"
     )
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and tenants")
 
     @model_validator(mode="before")
     @classmethod

@@ -15,6 +15,7 @@ import grpc
 import ray
 from ray.serve.exceptions import BackPressureError
 
+from deployments.auth import AuthError, TenantForbidden
 from deployments.engine.async_engine import EngineStepError
 from deployments.engine.engine import EngineOverloaded
 from deployments.expert_shard import ExpertsUnavailable
@@ -52,6 +53,10 @@ def _cause(error: BaseException) -> BaseException:
 def classify(error: BaseException, request_id: str = "") -> ClientError:
     err = _cause(error)
     message = str(err).strip() or type(err).__name__
+    if isinstance(err, AuthError):
+        return ClientError(grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error", message)
+    if isinstance(err, TenantForbidden):
+        return ClientError(grpc.StatusCode.PERMISSION_DENIED, 403, "permission_error", message)
     if isinstance(err, BodyTooLarge):
         return ClientError(grpc.StatusCode.INVALID_ARGUMENT, 413, "invalid_request_error", message)
     if isinstance(err, InvalidInputError):

@@ -17,6 +17,10 @@ streams every other client's tokens. A request is cancelled in the engine (its K
 answered with 504 / DEADLINE_EXCEEDED once it runs past `limits.request_timeout_s` or sends nothing
 for `limits.stream_idle_timeout_s`. Overload is refused at once with 429 / RESOURCE_EXHAUSTED by
 Serve's queues (`max_queued_requests`) or the engine (`engine.max_waiting`).
+
+Every other route and RPC needs an API key when `auth` is on (`Authorization: Bearer <key>`, on gRPC
+as `authorization` metadata): 401 / UNAUTHENTICATED without a valid one, before the body is read.
+The key decides the request's tenant, hence its prefix-cache namespace (deployments/auth.py).
 """
 
 
@@ -38,6 +42,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments import openai_api as oai
+from deployments.auth import Authenticator, Principal
 from deployments.config import HerdConfig
 from deployments.engine.output import RequestOutput
 from deployments.engine.sequence import ImageInput
@@ -77,7 +82,9 @@ def _set_grpc_error(grpc_context, error: Exception, request_id: str) -> None:
 def _http_error(error: Exception, request_id: str) -> JSONResponse:
     err = classify(error, request_id)
     log_failure(error, err, request_id, "HTTP")
-    return JSONResponse(oai.error_body(err.message, err.type, err.http_status), status_code=err.http_status)
+    headers = {"WWW-Authenticate": "Bearer"} if err.http_status == 401 else None
+    return JSONResponse(oai.error_body(err.message, err.type, err.http_status), status_code=err.http_status,
+                        headers=headers)
 
 
 def check_prompt_chars(num_chars: int, limit: int, field: str) -> None:
@@ -102,6 +109,7 @@ class Ingress:
     def __init__(self, config: dict, router_service: DeploymentHandle, vision: DeploymentHandle):
         route_to_serve_logs()
         self.cfg = HerdConfig.model_validate(config)
+        self.auth = Authenticator.from_config(self.cfg.auth)
         self.model_cfg = Llama4Config.from_dir(self.cfg.model)
         self.tokenizer = Tokenizer.from_dir(self.cfg.model)
         self.router_service = router_service
@@ -204,15 +212,21 @@ class Ingress:
             raise InvalidInputError(f"request: the message is {size} bytes; at most {self.limits.max_body_bytes} are "
                                     "accepted (limits.max_body_bytes)")
 
-    def _grpc_request(self, request: pb.GenerateRequest) -> GenerationRequest:
-        self._check_message_size(request)
-        return request_from_pb(request)
-
     # ---- gRPC --------------------------------------------------------------------------------
+    def _grpc_principal(self, grpc_context) -> Principal | None:
+        metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+        return self.auth.principal(metadata.get("authorization"), "metadata `authorization: Bearer <key>`")
+
+    def _grpc_request(self, request: pb.GenerateRequest, grpc_context) -> GenerationRequest:
+        principal = self._grpc_principal(grpc_context)  # before any work on the message
+        self._check_message_size(request)
+        req = request_from_pb(request)
+        return replace(req, tenant=self.auth.cache_salt(principal, req.tenant, "tenant"))
+
     async def Generate(self, request: pb.GenerateRequest, grpc_context):  # noqa: N802 (gRPC method name)
         req = None
         try:
-            req = self._grpc_request(request)
+            req = self._grpc_request(request, grpc_context)
             async for delta in self.stream(req):
                 yield response_from_output(delta)
         except Exception as e:  # every failure becomes a status code
@@ -222,13 +236,18 @@ class Ingress:
     async def GenerateUnary(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:  # noqa: N802
         req = None
         try:
-            req = self._grpc_request(request)
+            req = self._grpc_request(request, grpc_context)
             return response_from_output(join_outputs([d async for d in self.stream(req)]))
         except Exception as e:
             _set_grpc_error(grpc_context, e, req.request_id if req else request.request_id)
             raise
 
-    async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:  # noqa: N802
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:  # noqa: N802
+        try:
+            self._grpc_principal(grpc_context)
+        except Exception as e:
+            _set_grpc_error(grpc_context, e, "")
+            raise
         info = pb.ModelInfo(id=self.cfg.model_name, max_model_len=self.model_cfg.text.max_position_embeddings,
                             multimodal=self.model_cfg.vision is not None)
         return pb.ListModelsResponse(models=[info])
@@ -265,8 +284,15 @@ class Ingress:
         return {"version": HERD_VERSION, "model": self.cfg.model_name}
 
     # ---- OpenAI HTTP -------------------------------------------------------------------------
+    def _http_principal(self, request: Request) -> Principal | None:
+        return self.auth.principal(request.headers.get("authorization"), "the header `Authorization: Bearer <key>`")
+
     @app.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request):
+        try:
+            self._http_principal(request)
+        except Exception as e:
+            return _http_error(e, "")
         return oai.models_list([self.cfg.model_name], created=int(time.time()))
 
     @app.post("/v1/chat/completions")
@@ -293,10 +319,12 @@ class Ingress:
     async def _http(self, request: Request, chat: bool):
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         try:
+            principal = self._http_principal(request)  # before any work on the body
             raw = await self._body(request)
             parsed = await self._off_loop(self._parse_body, raw, chat)
-            req = oai.to_generation_request(parsed, request_id=request_id,
-                                            tenant_header=request.headers.get("x-herd-tenant"))
+            req = oai.to_generation_request(parsed, request_id=request_id)
+            req = replace(req, tenant=self.auth.cache_salt(principal, request.headers.get("x-herd-tenant") or "",
+                                                           "x-herd-tenant", user=parsed.user or ""))
             if parsed.stream:
                 first = await self._first(req)
                 return StreamingResponse(self._sse(req, first, chat, parsed), media_type="text/event-stream")

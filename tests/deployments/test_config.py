@@ -20,6 +20,7 @@ def test_shipped_serve_config():
     assert app["import_path"] == "cluster.app:build_app"
     cfg = HerdConfig.model_validate(app["args"])
     assert cfg.experts.mode == "sharded" and cfg.engine.max_num_seqs == 64
+    assert cfg.auth.enabled and cfg.auth.keys_file == "~/.cache/herd/keys.json"  # herd up's key store
 
 
 @pytest.mark.parametrize("args, field", [

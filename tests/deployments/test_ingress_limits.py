@@ -132,10 +132,9 @@ def test_a_prompt_longer_than_max_model_len_in_tokens_is_refused_after_tokenizin
 
 def test_grpc_messages_above_max_body_bytes_are_refused():
     r = replica(max_body_bytes=1000)
-    small = pb.GenerateRequest(text="hi")
-    assert r._grpc_request(small).text == "hi"
+    r._check_message_size(pb.GenerateRequest(text="hi"))
     with pytest.raises(InvalidInputError, match="request: the message is .* bytes; at most 1000"):
-        r._grpc_request(pb.GenerateRequest(text="x" * 1001))
+        r._check_message_size(pb.GenerateRequest(text="x" * 1001))
 
 
 @pytest.mark.parametrize("limits, outputs", [

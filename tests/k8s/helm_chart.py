@@ -43,6 +43,7 @@ CASES = {
         "--set", "redis.cacheSecret.existingSecret=my-cache-secret",
         "--set", "redis.cacheSecret.existingSecretKey=key",
         "--set", "redis.auth.existingSecret=my-redis-auth",
+        "--set", "auth.existingSecret=my-api-keys",
     ],
     "opted-out": [
         "--set", "rayAuth.enabled=false",

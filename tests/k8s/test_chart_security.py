@@ -40,7 +40,7 @@ def test_generated_secrets_are_long_and_random(renders):
     for name, key in (("herd-redis", "password"), ("herd-cache-secret", "secret"), ("herd-ray-token", "auth_token")):
         assert len(base64.b64decode(secret(docs, name)["data"][key])) >= 32, name
     assert {s["metadata"]["name"] for s in by_kind(docs, "Secret")} == {"herd-redis", "herd-cache-secret",
-                                                                        "herd-ray-token"}
+                                                                        "herd-ray-token", "herd-api-keys"}
 
 
 @pytest.mark.parametrize("case", CASES)

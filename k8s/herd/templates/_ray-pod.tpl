@@ -105,6 +105,7 @@ livenessProbe:
   mountPath: /tmp
 - name: cache
   mountPath: /home/ray/.cache
+{{- include "herd.auth.volumeMount" .root }}
 {{- if .mountModel }}
 - name: model
   mountPath: {{ .root.Values.model.mountPath }}
@@ -128,6 +129,7 @@ livenessProbe:
   {{- end }}
 - name: cache
   emptyDir: {}
+{{- include "herd.auth.volume" .root }}
 {{- if .mountModel }}
 - name: model
   {{- if eq $model.source "pvc" }}

@@ -52,6 +52,8 @@ applications:
       max_model_len: {{ int $v.limits.maxModelLen }}
     limits:
       max_images_per_request: {{ int $v.limits.maxImagesPerRequest }}
+    auth:
+      {{- include "herd.auth.config" . | nindent 6 }}
   deployments:
   - name: Ingress
     num_replicas: {{ int $v.ingress.replicas }}
