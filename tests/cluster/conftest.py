@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,7 +67,19 @@ class Served:
 
         kill_pool()
         config.setdefault("auth", NO_AUTH)
+        redis = config.get("redis")
+        if redis is not None and not (redis.get("secret_env") or redis.get("secret_file")):
+            config["redis"] = {**redis, "secret_file": cache_secret_file()}
         serve.run(build_app({"model": str(self.model_dir), **config}), name="herd", route_prefix="/")
+
+
+def cache_secret_file() -> str:
+    """A shared-cache secret file for deployments whose test is not about the secret."""
+    path = Path(tempfile.gettempdir()) / f"herd-test-cache-secret-{os.getpid()}"
+    if not path.exists():
+        path.write_text("cluster-test-secret-0123456789abcdef")
+        path.chmod(0o600)
+    return str(path)
 
 
 def start_serve(http_port: int, grpc_port: int) -> None:
