@@ -22,7 +22,8 @@ def parse_ids(text: str) -> list[int]:
 
 def run_offline(args: argparse.Namespace) -> Completion:
     dtype = default_dtype(args.device)
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype,
+                                    quantization=getattr(args, "quantization", "none"))
     tok = engine.tokenizer
     data = [Path(f).read_bytes() for f in args.image]
     ImageLimits().check_count(len(data))

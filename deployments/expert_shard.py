@@ -25,6 +25,7 @@ from deployments.engine.experts import ExpertBackendUnavailable
 from model.checkpoint import load_expert_shard
 from model.config import Llama4Config
 from model.device import resolve_device
+from model.quantization import module_bytes
 
 log = logging.getLogger(__name__)
 NAMESPACE = "herd"
@@ -70,17 +71,21 @@ def split_experts(num_experts: int, num_shards: int) -> list[range]:
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ExpertShard:
     def __init__(self, model_path: str, start: int, stop: int, device: str, dtype: torch.dtype,
-                 kernel: str = "reference"):
-        """`dtype`: the engine's (router service's) model dtype, which the hidden states travel in."""
+                 kernel: str = "reference", quantization: str = "none"):
+        """`dtype`: the engine's (router service's) model dtype, which the hidden states travel in;
+        `quantization`: none | fp8 | int4, applied to this shard's slice only as it is read."""
         self.device = resolve_device(device)
         self.dtype = dtype
         self.experts = load_expert_shard(model_path, range(start, stop), device=self.device, dtype=dtype,
-                                         expert_kernel=kernel)
+                                         expert_kernel=kernel, quantization=quantization)
         self.range = (start, stop)
         log.info("expert shard %s ready on %s in %s (%d MoE layers)", self.range, self.device, dtype, len(self.experts))
 
     def info(self) -> dict:
-        return {"experts": self.range, "node_id": ray.get_runtime_context().get_node_id()}
+        """Where this shard runs, and its experts' precision and bytes (weights and scales)."""
+        kinds = {type(m.gate_up_proj).__name__ for m in self.experts.values()}
+        return {"experts": self.range, "node_id": ray.get_runtime_context().get_node_id(),
+                "weights": sorted(kinds), "expert_bytes": sum(module_bytes(m) for m in self.experts.values())}
 
     @torch.inference_mode()
     def run(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -109,7 +114,7 @@ class ExpertPool:
                 num_cpus=experts.num_cpus_per_shard, num_gpus=experts.num_gpus_per_shard,
                 resources=experts.resources_per_shard,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(model_path, r.start, r.stop, device, dtype, experts.kernel)
+            ).remote(model_path, r.start, r.stop, device, dtype, experts.kernel, experts.quantization)
             for i, r in enumerate(ranges)
         ]
         self.ranges = [(r.start, r.stop) for r in ranges]

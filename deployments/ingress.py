@@ -78,6 +78,7 @@ class Ingress:
         route_to_serve_logs()
         self.cfg = HerdConfig.model_validate(config)
         self.model_cfg = Llama4Config.from_dir(self.cfg.model)
+        self.precision = self.cfg.served_precision()
         self.tokenizer = Tokenizer.from_dir(self.cfg.model)
         self.router_service = router_service
         self.vision = vision
@@ -147,7 +148,8 @@ class Ingress:
 
     async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:  # noqa: N802
         info = pb.ModelInfo(id=self.cfg.model_name, max_model_len=self.model_cfg.text.max_position_embeddings,
-                            multimodal=self.model_cfg.vision is not None)
+                            multimodal=self.model_cfg.vision is not None,
+                            weights_precision=self.precision["weights"], experts_precision=self.precision["experts"])
         return pb.ListModelsResponse(models=[info])
 
     async def Check(self, request) -> health_pb2.HealthCheckResponse:  # noqa: N802 (grpc.health.v1)
@@ -184,7 +186,7 @@ class Ingress:
     # ---- OpenAI HTTP -------------------------------------------------------------------------
     @app.get("/v1/models")
     async def models(self) -> dict:
-        return oai.models_list([self.cfg.model_name], created=int(time.time()))
+        return oai.models_list([self.cfg.model_name], created=int(time.time()), precision=self.precision)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):

@@ -52,7 +52,7 @@ class RouterService:
         dtype = default_dtype(device)
         sharded = experts_are_sharded(cfg.experts, ray.cluster_resources().get("GPU", 0))
         model = load(cfg.model, device=device, dtype=dtype, experts=range(0, 0) if sharded else None,
-                     expert_kernel=cfg.experts.kernel)
+                     expert_kernel=cfg.experts.kernel, quantization=cfg.experts.quantization)
         self.metrics = RouterServiceMetrics()
         backend = None
         if sharded:
@@ -62,7 +62,8 @@ class RouterService:
             backend = ShardedExperts(connect(cfg.experts.startup_timeout_s), on_dispatch=self.metrics.record_dispatch,
                                      reconnect=lambda: connect(RECONNECT_TIMEOUT_S))
         engine = Engine(model, Tokenizer.from_dir(cfg.model), cfg.engine, experts=backend)
-        self.shared_cache = connect_shared_cache(cfg.redis, engine, cfg.model) if cfg.redis else None
+        self.shared_cache = (connect_shared_cache(cfg.redis, engine, cfg.model, cfg.experts.quantization)
+                             if cfg.redis else None)
         self.engine = AsyncEngine(engine)
         self._stats_task: asyncio.Task | None = None
         self.replica_id = serve.get_replica_context().replica_id.unique_id

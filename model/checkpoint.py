@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_STACKED_EXPERTS = (".feed_forward.experts.gate_up_proj", ".feed_forward.experts.down_proj")
+_STACKED_EXPERTS = (".feed_forward.experts.gate_up_proj", ".feed_forward.experts.down_proj",
+                    ".feed_forward.experts.gate_up_proj_scale", ".feed_forward.experts.down_proj_scale")  # FP8
 
 
 def tensor_files(path: Path) -> dict[str, Path]:

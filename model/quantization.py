@@ -43,7 +43,6 @@ from model.errors import ConfigError, check_known
 QUANTIZATIONS = ("none", "fp8", "int4")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(float8_e4m3fn).max
-FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)  # fbgemm's bound on the inverse scale of an all-zero row
 DEFAULT_ACTIVATION_SCALE_UB = 1200.0  # transformers' FbgemmFp8Config default
 INT4_GROUP = 128
 FBGEMM_FP8 = "fbgemm_fp8"
@@ -51,15 +50,15 @@ FBGEMM_FP8 = "fbgemm_fp8"
 
 # ---- FP8 ------------------------------------------------------------------------------------------
 def fp8_quantize_rows(x: torch.Tensor, scale_ub: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """fbgemm's `quantize_fp8_per_row` on the last dimension: `(x_fp8, scale)` with
-    `x ~= x_fp8 * scale[..., None]`, scale = max|row| / 448 in fp32 (the row max clamped to
-    `scale_ub` when given, as for activations)."""
+    """fbgemm's `quantize_fp8_per_row` on the last dimension (its reference math): `(x_fp8, scale)`
+    with `x ~= x_fp8 * scale[..., None]`; the row's inverse scale is 448 / max|row| (the row max
+    clamped to `scale_ub` when given, as for activations; at most 448 * 512), scale its reciprocal, fp32."""
     amax = x.abs().amax(dim=-1, keepdim=True).float()
     if scale_ub is not None:
         amax = amax.clamp(max=scale_ub)
-    scale = (amax / FP8_MAX).clamp(min=FP8_MIN_SCALE)
-    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q, scale.squeeze(-1)
+    inv = (FP8_MAX / amax).clamp(max=FP8_MAX * 512.0)
+    q = (x.float() * inv).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, (1.0 / inv).squeeze(-1)
 
 
 def fp8_fake_quantize_rows(x: torch.Tensor, scale_ub: float | None) -> torch.Tensor:
@@ -72,6 +71,9 @@ class Fp8ExpertWeights(nn.Module):
     """One stacked expert weight `[E, K, N]` (K input, N output) in FP8: `weight` `[E, N, K]` e4m3
     (transposed once at load: each expert's `[N, K]` rows are the column-major `[K, N]` operand that
     `torch._scaled_mm` / `torch._scaled_grouped_mm` take without a copy) and `scale` `[E, N]` fp32."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, num_experts: int, in_features: int, out_features: int,
                  activation_scale_ub: float = DEFAULT_ACTIVATION_SCALE_UB):
@@ -118,6 +120,9 @@ class Fp8Linear(nn.Module):
     e4m3, `weight_scale` `[out, 1]` fp32, activations quantized per token. On CUDA the GEMM is
     `torch._scaled_mm` (row-wise scales); elsewhere the fp32 reference of the same math."""
 
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  activation_scale_ub: float = DEFAULT_ACTIVATION_SCALE_UB):
         super().__init__()
@@ -153,6 +158,9 @@ def int4_group_size(in_features: int, group_size: int = INT4_GROUP) -> int:
 class Int4ExpertWeights(nn.Module):
     """One stacked expert weight `[E, K, N]` in int4: `packed` `[E, N, K // 2]` uint8 (two nibbles
     per byte, even k high) and `scale` `[E, K // group_size, N]` bf16; `w ~= (nibble - 8) * scale`."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, group_size: int | None = None):
         super().__init__()

@@ -85,10 +85,11 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, *, device: str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> Engine:
+                        dtype: torch.dtype = torch.float32, quantization: str = "none") -> Engine:
+        """`quantization`: the routed experts' (none | fp8 | int4; model/quantization.py)."""
         from model.checkpoint import load
 
-        return cls(load(path, device=device, dtype=dtype), Tokenizer.from_dir(path), config)
+        return cls(load(path, device=device, dtype=dtype, quantization=quantization), Tokenizer.from_dir(path), config)
 
     # ---- the shared prefix cache ------------------------------------------------------------
     def attach_shared_cache(self, writer: SharedCacheWriter) -> None:

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 DEFAULT_LOAD_BYTES_PER_S = 1e9
 
 
-def connect_shared_cache(cfg: RedisConfig, engine: Engine, model_path: str) -> SharedCache:
+def connect_shared_cache(cfg: RedisConfig, engine: Engine, model_path: str, quantization: str = "none") -> SharedCache:
+    """`quantization`: the experts' on-the-fly quantization (part of the model fingerprint: it changes the KV)."""
     password = os.environ.get(cfg.password_env) if cfg.password_env else None
     if cfg.password_env and password is None:
         log.warning("redis.password_env names %s, which is not set: connecting without a password", cfg.password_env)
@@ -34,7 +35,7 @@ def connect_shared_cache(cfg: RedisConfig, engine: Engine, model_path: str) -> S
     bytes_per_token = sum(layout.bytes_per_token(name) for name, _, _ in layout.groups)
     cost = FetchCost(cfg.fetch_policy, cfg.load_gbps * 1e9 if cfg.load_gbps else measure_load(store),
                      cfg.prefill_tokens_per_s or measure_prefill(engine, cfg.chunk_tokens), bytes_per_token)
-    cache = SharedCache(store, Namespace(fingerprint(model_path), layout), cost)
+    cache = SharedCache(store, Namespace(fingerprint(model_path, quantization=quantization), layout), cost)
     engine.attach_shared_cache(cache)
     log.info("shared prefix cache at %s: %d-token chunks, %.0f KiB/token, load %.2f GB/s vs prefill %.0f tok/s "
              "(fetch policy %s)", store.url, cfg.chunk_tokens, bytes_per_token / 1024, cost.load_bytes_per_s / 1e9,
