@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 BENCHMARKS = {"engine": "engine_bench.py", "serving": "serving_bench.py", "dispatch": "dispatch_bench.py",
-              "prefix-cache": "prefix_cache_bench.py"}
+              "prefix-cache": "prefix_cache_bench.py", "quant": "quant_gpu_check.py"}
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
