@@ -205,3 +205,27 @@ def test_resources_are_checked_before_ray():
     assert config_changes({"model": "/a", "experts": {"mode": "colocated", "num_shards": 1}},
                           {"model": "/a", "experts": {"mode": "sharded", "num_shards": 1}}) == [
         "experts.mode: 'colocated' -> 'sharded'"]
+
+
+def test_generate_offline_with_quantized_experts_and_an_fp8_checkpoint(checkpoint, capsys, tmp_path):
+    """--quantization fp8|int4 quantizes the experts at load; `herd synth --quantize fp8` writes Meta's
+    FP8 layout, which --offline serves in FP8 (int4 refused: one line, exit 1); --quantization without
+    --offline is a usage error."""
+    import torch
+
+    from model.checkpoint import load
+
+    prompt = ("--prompt-ids", "1,17,99,230,41,8")
+    for mode in ("none", "fp8", "int4"):
+        out = generate_offline(checkpoint, capsys, *prompt, "--quantization", mode)
+        ids = torch.tensor([1, 17, 99, 230, 41, 8])
+        model = load(checkpoint, quantization=mode)
+        assert out["token_ids"][0] == int(model.logits(ids)[-1].argmax())  # the quantized model's own greedy token
+    fp8 = tmp_path / "fp8"
+    assert main(["synth", "--preset", "tiny-scout", "--quantize", "fp8", "--out", str(fp8)]) == 0
+    capsys.readouterr()
+    assert len(generate_offline(fp8, capsys, *prompt)["token_ids"]) == 6
+    assert main(["generate", "--offline", "--model", str(fp8), *prompt, "--quantization", "int4"]) == 1
+    assert "served in FP8" in capsys.readouterr().err
+    out = herd("generate", "--prompt", "a", "--quantization", "fp8")
+    assert out.returncode == errors.EXIT_USAGE and "--quantization applies with --offline" in one_line_error(out)
