@@ -8,8 +8,8 @@
   same weights (fp32 checkpoint, no quantization_config) through our reference path: identical with
   the activation quantization turned off, close with it on.
 - On-the-fly FP8 and int4 vs the unquantized model on tiny Scout- and Maverick-like checkpoints:
-  max logit difference and greedy top-1 agreement over 256 generated tokens (printed; see the
-  thresholds' comments for what these random weights allow).
+  max logit difference and greedy top-1 agreement at 256 positions (printed; see the thresholds'
+  comments for what these random weights allow).
 - Expert memory after load, scales included.
 """
 
@@ -23,9 +23,6 @@ import torch
 from safetensors.torch import save_file
 
 import model.quantization as quantization
-from deployments.engine.config import EngineConfig
-from deployments.engine.engine import Engine
-from deployments.engine.params import SamplingParams
 from model.checkpoint import load, load_expert_shard, tensor_files
 from model.errors import CheckpointError, ConfigError
 from model.expert_kernel import expert_kernel, fp8_per_expert, reference_kernel
@@ -253,17 +250,17 @@ AGREEMENT = {"fp8": 0.85, "int4": 0.70}
 
 @pytest.mark.parametrize("preset", ["tiny-scout", "tiny-maverick"])
 def test_on_the_fly_quantization_vs_unquantized(tiny, preset):
+    """Teacher-forced on one 264-token text sequence: at each of the last 256 positions, does the
+    quantized model's greedy (argmax) token equal the unquantized one's? (Generating the sequence
+    greedily first costs minutes on the CI's 2 cores for the same measure.)"""
     path = tiny / preset
     ref = load(path)
-    engine = Engine(ref, Tokenizer.from_dir(path), EngineConfig(kv_cache_bytes=16 * 2**20))
-    prompt = [1, 17, 99, 230, 41, 8, 150, 77]
-    [out] = engine.generate([prompt], SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True))
-    seq = torch.tensor(prompt + out.token_ids)
-    positions = slice(len(prompt) - 1, len(seq) - 1)  # the 256 positions that predicted the generated tokens
+    seq = torch.randint(10, 2000, (264,), generator=torch.Generator().manual_seed(0))
+    seq[0] = Tokenizer.from_dir(path).bos_id
+    positions = slice(8, 264)
     want = ref.logits(seq)[positions]
-    assert torch.equal(want.argmax(-1), seq[len(prompt):])
     bf16 = load(path, dtype=torch.bfloat16).logits(seq)[positions]
-    lines = [f"\n{preset} over 256 greedy tokens: bf16 vs fp32 agreement "
+    lines = [f"\n{preset}, 256 positions: bf16 vs fp32 top-1 agreement "
              f"{(bf16.argmax(-1) == want.argmax(-1)).float().mean():.3f}"]
     for mode in ("fp8", "int4"):
         got = load(path, quantization=mode).logits(seq)[positions]
