@@ -229,3 +229,14 @@ def test_generate_offline_with_quantized_experts_and_an_fp8_checkpoint(checkpoin
     assert "served in FP8" in capsys.readouterr().err
     out = herd("generate", "--prompt", "a", "--quantization", "fp8")
     assert out.returncode == errors.EXIT_USAGE and "--quantization applies with --offline" in one_line_error(out)
+
+
+def test_herd_up_refuses_int4_of_an_fp8_checkpoint_before_ray(tmp_path):
+    from cluster.launcher import ClusterError, check_model
+    from deployments.config import HerdConfig
+    from model.synth import synthesize
+
+    synthesize(tmp_path, "tiny-scout", quantize="fp8", progress=False)
+    check_model(HerdConfig.model_validate({"model": str(tmp_path), "experts": {"quantization": "fp8"}}))
+    with pytest.raises(ClusterError, match=r"cannot serve .*: the checkpoint is FP8 .* served in FP8"):
+        check_model(HerdConfig.model_validate({"model": str(tmp_path), "experts": {"quantization": "int4"}}))
