@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from model.expert_kernel import EXPERT_KERNELS, expert_kernel
-from model.quantization import module_bytes, quantize_experts
+from model.quantization import Fp8Linear, fp8_quantize_rows, module_bytes, quantize_experts
 
 SCOUT = {"experts": 16, "hidden": 5120, "inter": 8192}
 TINY = {"experts": 4, "hidden": 256, "inter": 256}
@@ -108,6 +108,23 @@ def run(device: str, shape: dict, batches: list[int], iters: int, tbps: float | 
     return rows
 
 
+def fp8_linear_error(device: str, hidden: int, out: int) -> float:
+    """An FP8 Linear as Meta's checkpoints store dense layers (`Fp8Linear`: torch._scaled_mm on CUDA)
+    vs the same math in fp32 on its dequantized weight: relative error."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    w = torch.randn(out, hidden, generator=gen, device=device) * hidden**-0.5
+    with torch.device("meta"):
+        linear = Fp8Linear(hidden, out, bias=False)
+    q, scale = fp8_quantize_rows(w)
+    linear.weight, linear.weight_scale = q, scale[:, None]
+    x = torch.randn(64, hidden, generator=gen, device=device).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = linear(x).float()
+    xq, xs = fp8_quantize_rows(x, linear.activation_scale_ub)
+    want = (xq.float() * xs[:, None]) @ (q.float() * scale[:, None]).t()
+    return float((got - want).norm() / want.norm())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (Scout shape) or cpu (dry run on a tiny shape)")
@@ -134,10 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     decode = {r["format"]: r["speedup_vs_bf16"] for r in rows if r["batch"] == min(int(b) for b in
                                                                                      args.batches.split(","))}
     print("decode (smallest batch) speed-up vs bf16: " + ", ".join(f"{k} {v:.2f}x" for k, v in decode.items()))
+    linear_error = fp8_linear_error(args.device, shape["hidden"], 2 * shape["inter"])
+    print(f"FP8 Linear (dense layers of Meta's FP8 checkpoints), batch 64: rel error {linear_error:.4f} "
+          "vs its own dequantized math")
     bad = [r for r in rows if r["rel_error"] > (0.05 if r["format"] != "bf16" else 0.01)]
     for r in bad:
         print(f"ERROR: {r['format']} at batch {r['batch']} is {r['rel_error']:.3f} off its own dequantized math")
-    return 1 if bad else 0
+    if linear_error > 0.02:
+        print(f"ERROR: the FP8 Linear is {linear_error:.3f} off its own dequantized math")
+    return 1 if bad or linear_error > 0.02 else 0
 
 
 if __name__ == "__main__":

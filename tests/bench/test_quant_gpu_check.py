@@ -20,3 +20,4 @@ def test_dry_run_on_the_cpu(capsys):
     assert [(r[0], r[2]) for r in rows] == [(f, b) for b in ("1", "64") for f in ("bf16", "fp8", "int4")]
     assert all(float(r[3]) > 0 for r in rows)  # tokens/s
     assert "decode (smallest batch) speed-up vs bf16" in out and "ERROR" not in out
+    assert "FP8 Linear (dense layers of Meta's FP8 checkpoints), batch 64: rel error" in out
