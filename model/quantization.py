@@ -206,7 +206,10 @@ class Int4ExpertWeights(nn.Module):
         cached; the canonical `packed` stays the source of truth (and of `dequantize`)."""
         if self._tinygemm is None:
             k = self.shape[1]
-            inner = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
+            inner = next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
+            if inner is None or self.group_size not in (32, 64, 128, 256):
+                raise ConfigError(f"int4 experts of input size {k} (group {self.group_size}) do not fit PyTorch's "
+                                  "tinygemm kernel (a multiple of 32 inputs, groups of 32-256): use kernel reference")
             self._tinygemm = [
                 (torch.ops.aten._convert_weight_to_int4pack(self.packed[e].contiguous(), inner),
                  torch.stack([self.scale[e], torch.zeros_like(self.scale[e])], dim=-1).contiguous())
