@@ -283,3 +283,13 @@ def test_expert_memory_after_load(tmp_path):
     assert fp8 / bf16 <= 0.52 and int4 / bf16 <= 0.3
     shard = load_expert_shard(tmp_path, range(4, 12), quantization="int4")  # a shard quantizes its slice only
     assert sum(module_bytes(m) for m in shard.values()) == int4 // 2
+
+
+def test_fingerprint_names_the_expert_quantization(ckpts):
+    """The shared KV cache keys entries by the model fingerprint: quantized experts change the KV."""
+    from model.checkpoint import fingerprint
+
+    plain = fingerprint(ckpts / "bf16")
+    assert fingerprint(ckpts / "bf16", quantization="none") == plain
+    assert len({plain, fingerprint(ckpts / "bf16", quantization="fp8"),
+                fingerprint(ckpts / "bf16", quantization="int4")}) == 3
