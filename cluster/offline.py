@@ -23,7 +23,7 @@ def parse_ids(text: str) -> list[int]:
 def run_offline(args: argparse.Namespace) -> Completion:
     dtype = default_dtype(args.device)
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype,
-                                    quantization=getattr(args, "quantization", "none"))
+                                    quantization=args.quantization)
     tok = engine.tokenizer
     data = [Path(f).read_bytes() for f in args.image]
     ImageLimits().check_count(len(data))
