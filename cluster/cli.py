@@ -36,6 +36,9 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype (default bfloat16)")
     p.add_argument("--device", default="cpu", help="where to generate the weights, e.g. cuda (default cpu)")
     p.add_argument("--max-shard-gib", type=float, default=4.0, help="split weights into shards of at most this size")
+    p.add_argument("--quantize", choices=("none", "fp8"), default="none",
+                   help="fp8: write Meta's FP8 release layout (quantization_config fbgemm_fp8: routed experts, "
+                        "shared experts and dense MLPs in float8_e4m3fn with fp32 per-channel scales)")
     p.add_argument("--config-only", action="store_true",
                    help="write config.json, generation_config.json, the tokenizer and preprocessor files but no "
                         "weights (removes any already there); scout and maverick then default to their real "
@@ -51,7 +54,7 @@ def _synth(args: argparse.Namespace) -> int:
     cfg = synthesize(
         args.out, args.preset, seed=args.seed, num_layers=args.num_layers, vocab_size=args.vocab_size,
         dtype=getattr(torch, args.dtype), device=args.device, max_shard_bytes=int(args.max_shard_gib * 2**30),
-        progress=True, config_only=args.config_only,
+        progress=True, config_only=args.config_only, quantize=args.quantize,
     )
     t = cfg.text
     what = f"the {args.preset} config (no weights)" if args.config_only else args.preset
@@ -95,6 +98,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-kernel", choices=list(KERNEL_CHOICES),
                    help="with --offline: the routed experts' kernel (engine.expert_kernel; default auto: grouped "
                         "on CUDA, reference elsewhere)")
+    p.add_argument("--quantization", choices=("none", "fp8", "int4"), default="none",
+                   help="with --offline: quantize the routed experts at load (fp8: e4m3 per channel; int4: "
+                        "weight-only, group 128); an FP8 checkpoint runs in FP8 whatever is asked (default none)")
     p.add_argument("--json", action="store_true",
                    help='print {"token_ids": [...], "text": "...", "finish_reason": "..."} (generated ids only)')
     p.set_defaults(func=_generate)
@@ -112,6 +118,8 @@ def _generate(args: argparse.Namespace) -> int:
 
         out = run_offline(args)
     else:
+        if args.quantization != "none":
+            raise UsageError("--quantization applies with --offline; a cluster's is experts.quantization in its config")
         out = _generate_remote(args)
     if args.json:
         print(json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason}))
@@ -179,7 +187,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
         "parameters; the expert shards (one GPU each) and router-service replicas (one GPU each, holding the "
         "dense part, the vision tower and their KV cache); KV bytes per token and tokens per replica; whether it "
         "fits the GPUs, and what to change when not. Weights are sized in the config's torch_dtype (bf16 when "
-        "absent); quantized checkpoints are out of scope. Exit status: 0 fits, 1 does not (each warning says "
+        "absent), routed experts in --quantization (scales included); a checkpoint in Meta's FP8 format is sized as "
+        "stored (FP8 experts and Linears). Exit status: 0 fits, 1 does not (each warning says "
         "what to change) or the checkpoint is bad, 2 bad arguments. Example: "
         "`herd synth --preset scout --config-only --out ckpt/scout && "
         "herd plan --model ckpt/scout --gpus 8 --gpu-memory 80`.",
@@ -194,6 +203,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    help="expert shards to check (0 = experts colocated in each replica; default: the fewest that fit)")
     p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM, metavar="FRACTION",
                    help=f"fraction of each GPU kept free for activations (default {DEFAULT_HEADROOM})")
+    p.add_argument("--quantization", choices=("none", "fp8", "int4"), default="none",
+                   help="the routed experts' precision (experts.quantization; default none: the weight dtype)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=_plan)
 
@@ -201,7 +212,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 def _plan(args: argparse.Namespace) -> int:
     import json
 
-    from cluster.plan import format_plan, make_plan, read_weight_dtype
+    from cluster.plan import format_plan, make_plan, read_fp8_config, read_weight_dtype
     from model.config import Llama4Config
 
     if args.gpu_memory <= 0:
@@ -211,7 +222,8 @@ def _plan(args: argparse.Namespace) -> int:
     try:
         plan = make_plan(cfg, args.gpus, int(args.gpu_memory * 2**30), weight_dtype=weight_dtype,
                          kv_dtype=args.kv_dtype, replicas=args.replicas, headroom=args.headroom,
-                         num_expert_shards=args.expert_shards)
+                         num_expert_shards=args.expert_shards, expert_quantization=args.quantization,
+                         fp8_checkpoint=read_fp8_config(args.model))
     except ValueError as e:  # arguments that do not go together (gpus 0, headroom >= 1, ...)
         raise UsageError(str(e)) from e
     print(json.dumps(plan.to_dict()) if args.json else format_plan(plan, Path(args.model).name))
@@ -537,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 BENCHMARKS = {"engine": "engine_bench.py", "serving": "serving_bench.py", "dispatch": "dispatch_bench.py",
-              "prefix-cache": "prefix_cache_bench.py"}
+              "prefix-cache": "prefix_cache_bench.py", "quant": "quant_gpu_check.py"}
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

@@ -163,6 +163,7 @@ def check_model(cfg: HerdConfig) -> None:
     from model.checkpoint import INDEX_FILE, image_processor, tensor_files
     from model.config import Llama4Config
     from model.errors import HerdModelError
+    from model.quantization import checkpoint_quantization, served_expert_quantization
     from model.tokenizer import Tokenizer
 
     path = Path(cfg.model)
@@ -177,6 +178,7 @@ def check_model(cfg: HerdConfig) -> None:
         if missing:
             raise ClusterError(f"{path / INDEX_FILE} names weight files that are missing: {', '.join(missing[:3])}")
         image_processor(path, model_cfg)
+        served_expert_quantization(cfg.experts.quantization, checkpoint_quantization(path))  # int4 of an FP8 one
     except HerdModelError as e:
         raise ClusterError(f"cannot serve {path}: {e}") from None
     if cfg.experts.mode == "sharded":

@@ -25,7 +25,8 @@ def run_offline(args: argparse.Namespace) -> Completion:
     dtype = default_dtype(args.device)
     chosen = {"attention_backend": args.attention_backend, "expert_kernel": args.expert_kernel}
     config = EngineConfig(**{k: v for k, v in chosen.items() if v is not None})
-    engine = Engine.from_pretrained(args.model, config, device=args.device, dtype=dtype)
+    engine = Engine.from_pretrained(args.model, config, device=args.device, dtype=dtype,
+                                    quantization=args.quantization)
     tok = engine.tokenizer
     data = [Path(f).read_bytes() for f in args.image]
     ImageLimits().check_count(len(data))

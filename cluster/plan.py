@@ -19,8 +19,11 @@ token runs through: every text parameter except the routed experts (embeddings a
 included), plus `num_experts_per_tok` routed experts in each MoE layer; the vision tower is
 excluded (it runs once per image tile, not per token).
 
-Weights are sized in the checkpoint's `torch_dtype` (bf16 when absent). Quantized checkpoints (a
-`quantization_config`: FP8, int4) are out of scope: `read_weight_dtype` refuses them. The KV cache
+Weights are sized in the checkpoint's `torch_dtype` (bf16 when absent); routed experts in their
+served precision (`expert_quantization`: none, fp8 or int4, scales included, model/quantization.py's
+`expert_weight_bytes`). A checkpoint in Meta's FP8 format (`quantization_config` fbgemm_fp8) has FP8
+experts and FP8 Linears wherever its `modules_to_not_convert` leaves them (1 byte + a 4-byte scale per
+output channel); other quantization methods are refused (`read_weight_dtype`). The KV cache
 is sized by the engine's own arithmetic (`deployments.engine.kv_sizing.plan_kv_groups`,
 `KVCache.bytes_per_block`): full-history (NoPE) layers keep every token, chunked RoPE layers one
 `attention_chunk_size` chunk per sequence. A `kv_dtype` other than the weights' is a what-if: the
@@ -42,13 +45,20 @@ from deployments.engine.kv_cache import KVCache
 from deployments.engine.kv_sizing import chunked_blocks_per_seq, plan_kv_groups
 from model.config import Llama4Config
 from model.errors import ConfigError
+from model.quantization import (
+    Fp8CheckpointConfig,
+    checkpoint_quantization,
+    expert_weight_bytes,
+    served_expert_quantization,
+    should_convert,
+)
 
 if TYPE_CHECKING:
     from deployments.config import HerdConfig
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
                                   "fp8": torch.float8_e4m3fn}
-WEIGHT_DTYPES = ("bf16", "fp16", "fp32")  # fp8 / int4 weights come with a quantization_config: out of scope
+WEIGHT_DTYPES = ("bf16", "fp16", "fp32")  # unquantized weights; quantized experts: expert_quantization
 _HF_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float": "fp32", "half": "fp16"}
 DEFAULT_HEADROOM = 0.10
 GiB = 2**30
@@ -115,6 +125,7 @@ class Plan:
     experts_per_tok: int
     params: ParamCounts
     weight_dtype: str
+    expert_quantization: str  # none | fp8 | int4: the routed experts' precision as served
     dense_bytes: int  # the attention/dense part (ParamCounts.dense)
     expert_bytes: int  # all routed experts
     vision_bytes: int  # vision tower + projector
@@ -165,6 +176,8 @@ class Plan:
         experts: dict[str, Any] = {"mode": "colocated"}
         if self.num_expert_shards:
             experts = {"mode": "sharded", "num_shards": self.num_expert_shards, "num_gpus_per_shard": 1}
+        if self.expert_quantization != "none":
+            experts["quantization"] = self.expert_quantization
         return {"experts": experts, "router_service": {"num_replicas": self.replicas, "num_gpus": 1},
                 "engine": {"kv_cache_bytes": self.kv_cache_bytes}}
 
@@ -190,14 +203,18 @@ def _gib_up(n: float) -> str:
 def make_plan(cfg: Llama4Config, gpus: int, gpu_memory_bytes: int, *, weight_dtype: str = "bf16",
               kv_dtype: str = "bf16", replicas: int = 1, headroom: float = DEFAULT_HEADROOM,
               num_expert_shards: int | None = None, kv_cache_bytes: int | None = None,
-              engine: EngineConfig | None = None) -> Plan:
+              engine: EngineConfig | None = None, expert_quantization: str = "none",
+              fp8_checkpoint: Fp8CheckpointConfig | None = None) -> Plan:
     """Size a deployment of `cfg` on `gpus` GPUs of `gpu_memory_bytes` each.
 
     `num_expert_shards`: None picks the fewest shards whose experts fit one GPU each (or colocated
     experts, when the shards would not fit `gpus` but one replica holds the whole model); 0 means
     colocated. `kv_cache_bytes`: None gives each replica's KV cache all its GPU has left; a number
     (a config's `engine.kv_cache_bytes`) is checked against that. `engine`: the other engine settings
-    the KV cache is laid out by (block size, max_num_seqs, ...; default EngineConfig())."""
+    the KV cache is laid out by (block size, max_num_seqs, ...; default EngineConfig()).
+    `expert_quantization`: none | fp8 | int4 (`experts.quantization`); `fp8_checkpoint`: the
+    `quantization_config` of a checkpoint in Meta's FP8 format (`read_fp8_config`): its experts are
+    FP8 whatever is asked (int4 refused) and its converted Linears are sized in FP8."""
     for name, value, low in (("gpus", gpus, 1), ("gpu memory", gpu_memory_bytes, 1), ("replicas", replicas, 1),
                              ("expert shards", 0 if num_expert_shards is None else num_expert_shards, 0)):
         if value < low:
@@ -207,11 +224,21 @@ def make_plan(cfg: Llama4Config, gpus: int, gpu_memory_bytes: int, *, weight_dty
     for what, name, known in (("weight dtype", weight_dtype, WEIGHT_DTYPES), ("KV dtype", kv_dtype, DTYPES)):
         if name not in known:
             raise ValueError(f"{what} {name!r} is not one of {', '.join(known)}")
+    try:
+        expert_quantization = served_expert_quantization(expert_quantization, fp8_checkpoint)
+    except ConfigError as e:
+        raise ValueError(str(e)) from e
     engine = engine or EngineConfig()
     text = cfg.text
     params = count_params(cfg)
     wbytes = DTYPES[weight_dtype].itemsize
-    dense_bytes, expert_bytes, vision_bytes = (n * wbytes for n in (params.dense, params.routed_experts, params.vision))
+    dense_bytes, vision_bytes = (n * wbytes for n in (params.dense, params.vision))
+    h, inter, moe = text.hidden_size, text.intermediate_size, len(text.moe_layers or ())
+    expert_bytes = moe * (expert_weight_bytes(text.num_local_experts, h, 2 * inter, expert_quantization, wbytes)
+                          + expert_weight_bytes(text.num_local_experts, inter, h, expert_quantization, wbytes))
+    if fp8_checkpoint is not None:
+        saved_dense, saved_vision = _fp8_linear_savings(cfg, fp8_checkpoint, wbytes)
+        dense_bytes, vision_bytes = dense_bytes - saved_dense, vision_bytes - saved_vision
     num_experts = text.num_local_experts
     per_expert = expert_bytes // num_experts
     usable = int(gpu_memory_bytes * (1 - headroom))
@@ -270,7 +297,8 @@ def make_plan(cfg: Llama4Config, gpus: int, gpu_memory_bytes: int, *, weight_dty
                         + (", use fewer --replicas" if replicas > 1 else "") + ", or use GPUs with more memory")
     return Plan(
         num_layers=text.num_hidden_layers, num_moe_layers=len(text.moe_layers or ()), num_experts=num_experts,
-        experts_per_tok=text.num_experts_per_tok, params=params, weight_dtype=weight_dtype, dense_bytes=dense_bytes,
+        experts_per_tok=text.num_experts_per_tok, params=params, weight_dtype=weight_dtype,
+        expert_quantization=expert_quantization, dense_bytes=dense_bytes,
         expert_bytes=expert_bytes, vision_bytes=vision_bytes, gpus=gpus, gpu_memory_bytes=gpu_memory_bytes,
         headroom=headroom, replicas=replicas, num_expert_shards=shards, experts_per_shard=largest,
         shard_bytes=largest * per_expert, replica_bytes=replica_bytes, num_gpus=num_gpus, kv_dtype=kv_dtype,
@@ -281,6 +309,21 @@ def make_plan(cfg: Llama4Config, gpus: int, gpu_memory_bytes: int, *, weight_dty
         attention_chunk_size=text.attention_chunk_size if kv_sizes.chunked else None,
         kv_tokens_per_replica=tokens, kv_full_chunk_seqs=chunk_seqs, fits=not warnings, warnings=tuple(warnings),
     )
+
+
+def _fp8_linear_savings(cfg: Llama4Config, fp8: Fp8CheckpointConfig, wbytes: int) -> tuple[int, int]:
+    """Bytes an FP8 checkpoint saves on its FP8 Linears (1 byte per weight + a 4-byte scale per output
+    channel instead of `wbytes` per weight): (in the dense part, in the vision tower + projector)."""
+    from model.llama4 import Llama4
+
+    with torch.device("meta"):
+        model = Llama4(cfg)
+    saved = {"dense": 0, "vision": 0}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and should_convert(name, fp8.modules_to_not_convert):
+            kind = "vision" if _kind(name + ".weight") == "vision" else "dense"
+            saved[kind] += module.weight.numel() * (wbytes - 1) - module.out_features * 4
+    return saved["dense"], saved["vision"]
 
 
 class _KVSizes:
@@ -324,16 +367,19 @@ class _KVSizes:
         return high
 
 
+def read_fp8_config(path: str | Path) -> Fp8CheckpointConfig | None:
+    """The FP8 `quantization_config` of the checkpoint at `path` (Meta's fbgemm_fp8), None for a
+    bf16/fp32 one; a ConfigError names any other quantization method."""
+    return checkpoint_quantization(path)
+
+
 def read_weight_dtype(path: str | Path) -> str:
-    """The dtype the checkpoint at `path` stores its weights in (config.json `torch_dtype`, or `dtype`
-    as transformers 5 writes it; bf16 when absent), as a key of `DTYPES`. A quantized checkpoint is
-    refused: its weight bytes are not parameters x dtype size."""
+    """The dtype the checkpoint at `path` stores its unquantized weights in (config.json
+    `torch_dtype`, or `dtype` as transformers 5 writes it; bf16 when absent), as a key of `DTYPES`.
+    A quantized checkpoint other than Meta's FP8 (`read_fp8_config`) is refused."""
+    read_fp8_config(path)
     data = json.loads((Path(path) / "config.json").read_text())
     text = data.get("text_config") or {}
-    if data.get("quantization_config") or text.get("quantization_config"):
-        method = (data.get("quantization_config") or text.get("quantization_config") or {}).get("quant_method", "?")
-        raise ConfigError(f"{path} is a quantized checkpoint (quantization_config: {method}); herd plan sizes "
-                          f"{', '.join(WEIGHT_DTYPES)} weights only")
     name = data.get("torch_dtype") or data.get("dtype") or text.get("torch_dtype") or text.get("dtype") or "bfloat16"
     if str(name) not in _HF_DTYPES:
         raise ConfigError(f"{path}: torch_dtype {name!r} is not one of {', '.join(_HF_DTYPES)}")
@@ -350,7 +396,8 @@ def plan_for_config(cfg: HerdConfig, gpus: int, gpu_memory_bytes: int, headroom:
     return make_plan(Llama4Config.from_dir(cfg.model), gpus, gpu_memory_bytes,
                      weight_dtype=read_weight_dtype(cfg.model), kv_dtype="bf16",
                      replicas=cfg.router_service.num_replicas, headroom=headroom, num_expert_shards=shards,
-                     kv_cache_bytes=cfg.engine.kv_cache_bytes, engine=cfg.engine)
+                     kv_cache_bytes=cfg.engine.kv_cache_bytes, engine=cfg.engine,
+                     expert_quantization=cfg.experts.quantization, fp8_checkpoint=read_fp8_config(cfg.model))
 
 
 def check_fits(plan: Plan) -> None:
@@ -366,7 +413,8 @@ def format_plan(plan: Plan, model: str = "") -> str:
     moe = f"{plan.num_moe_layers} of {plan.num_layers} layers MoE"
     rows = [
         ("model", f"{model + ': ' if model else ''}{plan.num_experts} experts (top-{plan.experts_per_tok}), {moe}, "
-                  f"weights {plan.weight_dtype}"),
+                  f"weights {plan.weight_dtype}"
+                  + (f", routed experts {plan.expert_quantization}" if plan.expert_quantization != "none" else "")),
         ("parameters", f"{p.total / b:.2f} B total, {plan.active_params / b:.2f} B active per token "
                        f"(dense part + top-{plan.experts_per_tok} routed experts of each MoE layer; vision not "
                        f"counted)"),

@@ -14,6 +14,7 @@ from deployments.engine.config import EngineConfig
 from deployments.redis_address import CREDENTIALS_MESSAGE, RedisAddress, has_credentials, redact
 from deployments.routing.registry import REQUEST_ROUTERS
 from model.errors import check_known
+from model.quantization import QUANTIZATIONS, checkpoint_quantization, served_expert_quantization
 
 
 class _Frozen(BaseModel):
@@ -34,6 +35,15 @@ class ExpertsConfig(_Frozen):
     resources_per_shard: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per shard")
     startup_timeout_s: float = Field(600.0, gt=0,
                                      description="how long a router-service replica waits for the shards to load")
+    quantization: str = Field(
+        "none", description="none | fp8 | int4: quantize the routed experts at load (each expert shard its own "
+        "slice). fp8: e4m3, per-output-channel scales, activations per token; int4: weight-only, group 128, bf16 "
+        "scales. A checkpoint already in FP8 (Meta's fbgemm_fp8) is served in FP8 (none or fp8; int4 refused)")
+
+    @field_validator("quantization")
+    @classmethod
+    def _known_quantization(cls, quantization: str) -> str:
+        return check_known("expert quantization", quantization, QUANTIZATIONS)
 
 
 class DeploymentOptions(_Frozen):
@@ -217,6 +227,15 @@ class HerdConfig(_Frozen):
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
+
+    def served_precision(self) -> dict[str, str]:
+        """`{"weights": bf16 | fp32, "experts": fp8 | int4 | the weights'}` as the router service serves
+        this config: bf16 on GPUs, fp32 on the CPU (model.device.default_dtype); the routed experts in
+        `experts.quantization`, or FP8 for an FP8 checkpoint (reads its config.json)."""
+        on_gpu = self.device == "cuda" or (self.device == "auto" and self.router_service.num_gpus > 0)
+        weights = "bf16" if on_gpu else "fp32"
+        experts = served_expert_quantization(self.experts.quantization, checkpoint_quantization(self.model))
+        return {"weights": weights, "experts": weights if experts == "none" else experts}
 
     @classmethod
     def from_file(cls, path: str | Path) -> HerdConfig:

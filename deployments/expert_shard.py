@@ -26,6 +26,7 @@ from model.checkpoint import load_expert_shard
 from model.config import Llama4Config
 from model.device import resolve_device
 from model.expert_kernel import resolve_expert_kernel
+from model.quantization import checkpoint_quantization, module_bytes, served_expert_quantization
 
 log = logging.getLogger(__name__)
 NAMESPACE = "herd"
@@ -71,18 +72,24 @@ def split_experts(num_experts: int, num_shards: int) -> list[range]:
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ExpertShard:
     def __init__(self, model_path: str, start: int, stop: int, device: str, dtype: torch.dtype,
-                 kernel: str = "auto"):
+                 kernel: str = "auto", quantization: str = "none"):
         """`dtype`: the engine's (router service's) model dtype, which the hidden states travel in;
-        `kernel`: the experts' kernel (`engine.expert_kernel`; `auto` resolved on this shard's device)."""
+        `kernel`: the experts' kernel (`engine.expert_kernel`; `auto` resolved on this shard's device);
+        `quantization`: none | fp8 | int4, applied to this shard's slice only as it is read."""
         self.device = resolve_device(device)
         self.dtype = dtype
+        served = served_expert_quantization(quantization, checkpoint_quantization(model_path))
+        kernel = resolve_expert_kernel(kernel, self.device, quantized=served != "none")
         self.experts = load_expert_shard(model_path, range(start, stop), device=self.device, dtype=dtype,
-                                         expert_kernel=resolve_expert_kernel(kernel, self.device))
+                                         expert_kernel=kernel, quantization=quantization)
         self.range = (start, stop)
         log.info("expert shard %s ready on %s in %s (%d MoE layers)", self.range, self.device, dtype, len(self.experts))
 
     def info(self) -> dict:
-        return {"experts": self.range, "node_id": ray.get_runtime_context().get_node_id()}
+        """Where this shard runs, and its experts' precision and bytes (weights and scales)."""
+        kinds = {type(m.gate_up_proj).__name__ for m in self.experts.values()}
+        return {"experts": self.range, "node_id": ray.get_runtime_context().get_node_id(),
+                "weights": sorted(kinds), "expert_bytes": sum(module_bytes(m) for m in self.experts.values())}
 
     @torch.inference_mode()
     def run(self, layer: int, x: np.ndarray, expert_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -111,7 +118,7 @@ class ExpertPool:
                 num_cpus=experts.num_cpus_per_shard, num_gpus=experts.num_gpus_per_shard,
                 resources=experts.resources_per_shard,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(model_path, r.start, r.stop, device, dtype, kernel)
+            ).remote(model_path, r.start, r.stop, device, dtype, kernel, experts.quantization)
             for i, r in enumerate(ranges)
         ]
         self.ranges = [(r.start, r.stop) for r in ranges]

@@ -111,6 +111,7 @@ class Ingress:
         self.cfg = HerdConfig.model_validate(config)
         self.auth = Authenticator.from_config(self.cfg.auth)
         self.model_cfg = Llama4Config.from_dir(self.cfg.model)
+        self.precision = self.cfg.served_precision()
         self.tokenizer = Tokenizer.from_dir(self.cfg.model)
         self.router_service = router_service
         self.vision = vision
@@ -249,7 +250,8 @@ class Ingress:
             _set_grpc_error(grpc_context, e, "")
             raise
         info = pb.ModelInfo(id=self.cfg.model_name, max_model_len=self.model_cfg.text.max_position_embeddings,
-                            multimodal=self.model_cfg.vision is not None)
+                            multimodal=self.model_cfg.vision is not None,
+                            weights_precision=self.precision["weights"], experts_precision=self.precision["experts"])
         return pb.ListModelsResponse(models=[info])
 
     async def Check(self, request) -> health_pb2.HealthCheckResponse:  # noqa: N802 (grpc.health.v1)
@@ -293,7 +295,7 @@ class Ingress:
             self._http_principal(request)
         except Exception as e:
             return _http_error(e, "")
-        return oai.models_list([self.cfg.model_name], created=int(time.time()))
+        return oai.models_list([self.cfg.model_name], created=int(time.time()), precision=self.precision)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):

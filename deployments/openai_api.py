@@ -168,7 +168,10 @@ def error_body(message: str, type_: str, code: int) -> dict:
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
 
-def models_list(model_ids: list[str], created: int) -> dict:
-    """`GET /v1/models`."""
+def models_list(model_ids: list[str], created: int, precision: dict[str, str] | None = None) -> dict:
+    """`GET /v1/models`. `precision` (`HerdConfig.served_precision`: weights and routed experts) is
+    added to each model object when given (OpenAI clients ignore fields they do not know)."""
+    extra = {"precision": precision} if precision is not None else {}
     return {"object": "list",
-            "data": [{"id": m, "object": "model", "created": created, "owned_by": "herd"} for m in model_ids]}
+            "data": [{"id": m, "object": "model", "created": created, "owned_by": "herd", **extra}
+                     for m in model_ids]}

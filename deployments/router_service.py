@@ -24,6 +24,7 @@ from deployments.metrics import RouterServiceMetrics
 from deployments.shared_cache.setup import connect_shared_cache
 from model.checkpoint import load
 from model.device import default_dtype, resolve_device
+from model.quantization import checkpoint_quantization, served_expert_quantization
 from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,10 @@ class RouterService:
         device = resolve_device(cfg.device)
         dtype = default_dtype(device)
         sharded = experts_are_sharded(cfg.experts, ray.cluster_resources().get("GPU", 0))
-        model = load(cfg.model, device=device, dtype=dtype, experts=range(0, 0) if sharded else None)
+        # what the experts run in (an FP8 checkpoint: fp8 whatever is asked); it keys the shared KV cache too
+        quantization = served_expert_quantization(cfg.experts.quantization, checkpoint_quantization(cfg.model))
+        model = load(cfg.model, device=device, dtype=dtype, experts=range(0, 0) if sharded else None,
+                     quantization=quantization)
         self.metrics = RouterServiceMetrics()
         backend = None
         if sharded:
@@ -62,7 +66,8 @@ class RouterService:
             backend = ShardedExperts(connect(cfg.experts.startup_timeout_s), on_dispatch=self.metrics.record_dispatch,
                                      reconnect=lambda: connect(RECONNECT_TIMEOUT_S))
         engine = Engine(model, Tokenizer.from_dir(cfg.model), cfg.engine, experts=backend)
-        self.shared_cache = connect_shared_cache(cfg.redis, engine, cfg.model) if cfg.redis else None
+        self.shared_cache = (connect_shared_cache(cfg.redis, engine, cfg.model, quantization)
+                             if cfg.redis else None)
         self.engine = AsyncEngine(engine)
         self._stats_task: asyncio.Task | None = None
         self.replica_id = serve.get_replica_context().replica_id.unique_id

@@ -5,6 +5,11 @@ shards with `model.safetensors.index.json`, and for a vision model the image pro
 The model is built on the `meta` device and filled tensor by tensor from memory-mapped files
 (`load_state_dict(assign=True)`: no double copies). An expert shard passes `experts=range(a, b)`
 and reads only rows `a..b` of every stacked expert tensor; the other experts never leave the disk.
+
+Quantization (model/quantization.py): `quantization="fp8" | "int4"` quantizes the routed experts as
+they are read, one stacked tensor at a time on the target device (an expert shard only its slice).
+A checkpoint in Meta's FP8 format (`quantization_config.quant_method: fbgemm_fp8`) is served as
+FP8: its FP8 experts and Linears are kept as stored (weights and scales), the rest is read in `dtype`.
 """
 
 from __future__ import annotations
@@ -26,13 +31,25 @@ from model.image import ImageProcessor
 from model.llama4 import Llama4
 from model.moe import Experts
 from model.processor_config import PREPROCESSOR_FILE, PROCESSOR_FILE
+from model.quantization import (
+    DEFAULT_ACTIVATION_SCALE_UB,
+    FP8,
+    ExpertWeight,
+    Fp8CheckpointConfig,
+    Fp8ExpertWeights,
+    Fp8Linear,
+    checkpoint_quantization,
+    quantize_experts,
+    served_expert_quantization,
+)
 from model.vision import Projector, VisionModel
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_STACKED_EXPERTS = (".feed_forward.experts.gate_up_proj", ".feed_forward.experts.down_proj")
+_STACKED_EXPERTS = (".feed_forward.experts.gate_up_proj", ".feed_forward.experts.down_proj",
+                    ".feed_forward.experts.gate_up_proj_scale", ".feed_forward.experts.down_proj_scale")  # FP8
 
 
 def tensor_files(path: Path) -> dict[str, Path]:
@@ -54,14 +71,17 @@ def tensor_files(path: Path) -> dict[str, Path]:
     return names
 
 
-def fingerprint(path: str | Path, sample_bytes: int = 1 << 16) -> str:
+def fingerprint(path: str | Path, sample_bytes: int = 1 << 16, quantization: str = "none") -> str:
     """A cheap identity of the checkpoint at `path`: config.json, the image processor config (it
     shapes image embeddings) and, for every weight file, its size and first and last
     `sample_bytes` (the safetensors header and some weights). Two checkpoints share it only if
-    they are the same files; it keys the shared KV cache."""
+    they are the same files; it keys the shared KV cache. `quantization`: the experts' on-the-fly
+    quantization (it changes the outputs; 'none' leaves the fingerprint as it was)."""
     path = Path(path)
     h = hashlib.blake2b(digest_size=16, person=b"herd-model")
     h.update((path / "config.json").read_bytes())
+    if quantization != "none":
+        h.update(b"experts:" + quantization.encode())
     for name in (PROCESSOR_FILE, PREPROCESSOR_FILE):  # absent files leave older fingerprints as they were
         if (path / name).is_file():
             h.update(name.encode() + (path / name).read_bytes())
@@ -82,22 +102,26 @@ def load(
     dtype: torch.dtype = torch.float32,
     experts: range | None = None,
     expert_kernel: str = "reference",
+    quantization: str = "none",
     progress: bool | None = None,
 ) -> Llama4:
     """Load a Llama 4 checkpoint directory into a `Llama4` in `dtype` on `device`.
 
     `experts`: keep only these routed experts (an expert shard's slice); `expert_kernel`: their
-    kernel (model/expert_kernel.py); `progress`: show a
+    kernel (model/expert_kernel.py); `quantization`: none | fp8 | int4, the routed experts'
+    (an FP8 checkpoint is FP8 whatever is asked, int4 refused); `progress`: show a
     progress bar (None: only on a terminal). Raises `ConfigError` / `CheckpointError` naming the
     file, field or tensor that is wrong."""
     path = Path(path)
     cfg = Llama4Config.from_dir(path)
     _check_expert_range(experts, cfg)
+    fp8 = checkpoint_quantization(path)
+    mode = served_expert_quantization(quantization, fp8)
     processor = image_processor(path, cfg)
     with torch.device("meta"):
         model = Llama4(cfg, experts, expert_kernel, processor)
     start = time.perf_counter()
-    state = _read_state(path, model, device, dtype, experts, progress)
+    state = _read_state(path, model, device, dtype, experts, progress, mode, fp8)
     model.load_state_dict(state, assign=True, strict=True)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     log.info("loaded %s: %d tensors, %.2f GiB in %.1f s", path, len(state), nbytes / 2**30, time.perf_counter() - start)
@@ -138,7 +162,8 @@ def load_vision(path: str | Path, *, device: str | torch.device = "cpu",
     assert processor is not None  # cfg.vision is set
     with torch.device("meta"):
         tower = VisionTower(cfg, processor)
-    tower.load_state_dict(_read_state(path, tower, device, dtype, None, False), assign=True, strict=True)
+    state = _read_state(path, tower, device, dtype, None, False, "none", checkpoint_quantization(path))
+    tower.load_state_dict(state, assign=True, strict=True)
     return tower.eval().requires_grad_(False)
 
 
@@ -149,49 +174,124 @@ def _check_expert_range(experts: range | None, cfg: Llama4Config) -> None:
 
 
 def load_expert_shard(path: str | Path, experts: range, *, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32, expert_kernel: str = "reference") -> dict[int, Experts]:
+                      dtype: torch.dtype = torch.float32, expert_kernel: str = "reference",
+                      quantization: str = "none") -> dict[int, Experts]:
     """Only the routed experts `experts` of every MoE layer, keyed by layer: what an expert-shard
-    actor holds. No other tensor is read."""
+    actor holds, quantized as `load` would (only this slice is read and quantized). No other tensor is read."""
     path = Path(path)
     cfg = Llama4Config.from_dir(path)
     _check_expert_range(experts, cfg)
+    fp8 = checkpoint_quantization(path)
+    mode = served_expert_quantization(quantization, fp8)
     text = cfg.text
     files = tensor_files(path)
     prefix = "" if any(n.startswith("language_model.") for n in files) else "language_model."
     shard: dict[int, Experts] = {}
     with ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(str(f), "pt")) for f in set(files.values())}
+        reader = _Reader(path, files, handles, prefix, device, dtype, experts, mode, fp8)
         assert text.moe_layers is not None  # TextConfig.__post_init__
         for layer in text.moe_layers:
             with torch.device("meta"):
                 module = Experts(text.hidden_size, text.intermediate_size, len(experts), experts.start, expert_kernel)
-            state = {}
-            for name, param in module.named_parameters():
-                full = f"language_model.model.layers.{layer}.feed_forward.experts.{name}"
-                key = full if full in files else full.removeprefix(prefix)
-                if key not in files:
-                    raise CheckpointError(f"{path}: tensor {full!r} is missing")
-                state[name] = _read_tensor(handles[files[key]], key, tuple(param.shape), experts, path)
-                state[name] = state[name].to(device=device, dtype=dtype)
-            module.load_state_dict(state, assign=True)
+            base = f"language_model.model.layers.{layer}.feed_forward.experts"
+            module.set_weights(*(reader.stacked(f"{base}.{name}", tuple(getattr(module, name).shape))
+                                 for name in ("gate_up_proj", "down_proj")))
             shard[layer] = module.eval().requires_grad_(False)
     return shard
 
 
-def _read_state(path, model, device, dtype, experts, progress) -> dict[str, torch.Tensor]:
+class _Reader:
+    """Reads tensors of one checkpoint by model name (with or without the `language_model.` prefix
+    of a text-only checkpoint), sliced to the expert range, converted for the model."""
+
+    def __init__(self, path: Path, files: dict[str, Path], handles: dict, prefix: str, device, dtype: torch.dtype,
+                 experts: range | None, mode: str, fp8: Fp8CheckpointConfig | None):
+        self.path, self.files, self.handles, self.prefix = path, files, handles, prefix
+        self.device, self.dtype, self.experts, self.mode, self.fp8 = device, dtype, experts, mode, fp8
+
+    def key(self, name: str) -> str | None:
+        """The checkpoint's key of model tensor `name` (None: not in the checkpoint)."""
+        key = name if name in self.files else name.removeprefix(self.prefix)
+        return key if key in self.files else None
+
+    def raw(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        key = self.key(name)
+        if key is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing (expected shape {list(shape)})")
+        return _read_tensor(self.handles[self.files[key]], key, shape, self.experts, self.path)
+
+    def tensor(self, name: str, shape: tuple[int, ...], keep_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A plain tensor in the model's dtype, or (FP8 Linear buffers) checked to be `keep_dtype` and kept so."""
+        t = self.raw(name, shape)
+        if keep_dtype is None:
+            if t.dtype == FP8:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is FP8 but has no '_scale' tensor beside it")
+            return t.to(device=self.device, dtype=self.dtype)
+        if t.dtype != keep_dtype:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {t.dtype}, an FP8 checkpoint stores {keep_dtype}")
+        return t.to(device=self.device)
+
+    def stacked(self, name: str, shape: tuple[int, ...]) -> ExpertWeight:
+        """A stacked expert weight `[E, K, N]` (this reader's expert slice): FP8 as stored when the
+        checkpoint has it so, else read in its stored dtype and quantized on the device (`mode`)."""
+        scale_key = self.key(name + "_scale")
+        if scale_key is None:
+            w = self.raw(name, shape)
+            if w.dtype == FP8:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is FP8 but {name + '_scale'!r} is missing")
+            w = w.to(self.device)
+            return w.to(self.dtype) if self.mode == "none" else quantize_experts(w, self.mode)
+        e, k, n = shape
+        scale_shape = (e, 1, n) if name.endswith("gate_up_proj") else (e, n, 1)  # FbgemmFp8Llama4TextExperts
+        w, scale = self.raw(name, shape), self.raw(name + "_scale", scale_shape)
+        if w.dtype != FP8 or scale.dtype != torch.float32:
+            raise CheckpointError(f"{self.path}: {name!r} ({w.dtype}) with a '_scale' ({scale.dtype}) must be "
+                                  "float8_e4m3fn with float32 scales (Meta's FP8 format)")
+        ub = self.fp8.activation_scale_ub if self.fp8 is not None else DEFAULT_ACTIVATION_SCALE_UB
+        return Fp8ExpertWeights.from_fbgemm(w.to(self.device), scale.to(self.device), ub)
+
+
+def _use_fp8_linears(model: torch.nn.Module, reader: _Reader) -> set[str]:
+    """Swap every `nn.Linear` the checkpoint stores in FP8 (a `weight_scale` beside its weight) for an
+    `Fp8Linear` (on the meta device); the names of their FP8 weights and scales."""
+    assert reader.fp8 is not None
+    kept = set()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and reader.key(f"{name}.weight_scale") is not None:
+            with torch.device("meta"):
+                fp8 = Fp8Linear(module.in_features, module.out_features, module.bias is not None,
+                                reader.fp8.activation_scale_ub)
+            model.set_submodule(name, fp8)
+            kept |= {f"{name}.weight", f"{name}.weight_scale"}
+    return kept
+
+
+def _read_state(path, model, device, dtype, experts, progress, mode: str = "none",
+                fp8: Fp8CheckpointConfig | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor `model` (on the meta device) holds, read from the checkpoint; stacked routed
+    experts are read (and quantized) through `_Reader.stacked` and set on their `Experts` module."""
     files = tensor_files(path)
     prefix = "" if any(n.startswith("language_model.") for n in files) else "language_model."
-    expected = {name: tuple(p.shape) for name, p in model.state_dict(keep_vars=True).items()}
     state: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(str(f), "pt")) for f in set(files.values())}
-        bar = tqdm(expected.items(), desc=f"loading {path.name}", unit="tensor", disable=_bar_disabled(progress))
-        for name, shape in bar:
-            key = name if name in files else name.removeprefix(prefix)
-            if key not in files:
-                raise CheckpointError(f"{path}: tensor {name!r} is missing (expected shape {list(shape)})")
-            state[name] = _read_tensor(handles[files[key]], key, shape, experts, path)
-            state[name] = state[name].to(device=device, dtype=dtype)
+        reader = _Reader(path, files, handles, prefix, device, dtype, experts, mode, fp8)
+        kept = _use_fp8_linears(model, reader) if fp8 is not None else set()
+        stacked = {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
+        expected = {name: t for name, t in model.state_dict(keep_vars=True).items()
+                    if name.rpartition(".")[0] not in stacked}
+        bar = tqdm(total=len(expected) + 2 * len(stacked), desc=f"loading {path.name}", unit="tensor",
+                   disable=_bar_disabled(progress))
+        for name, t in expected.items():
+            state[name] = reader.tensor(name, tuple(t.shape), t.dtype if name in kept else None)
+            bar.update()
+        for name, module in stacked.items():
+            module.set_weights(*(reader.stacked(f"{name}.{w}", tuple(getattr(module, w).shape))
+                                 for w in ("gate_up_proj", "down_proj")))
+            state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+            bar.update(2)
+        bar.close()
     return state
 
 

@@ -10,6 +10,12 @@ Python loop of matmuls, one grouped GEMM per projection, quantized kernels) and 
 The interface's one rule beyond the shapes: rows past `counts.sum()` are padding (pairs this
 `Experts` does not own; their input is zero) and their output is dropped, so a kernel may leave
 them unset (`grouped_kernel` does: `grouped_mm` ignores rows beyond the last offset).
+
+Weights: `gate_up_proj` / `down_proj` are the dense stacked tensors, or, when the experts are quantized
+(`experts.quantization`, or an FP8 checkpoint), the small weight modules of model/quantization.py
+(`Fp8ExpertWeights`, `Int4ExpertWeights`) in their place. `reference` runs every format (dequantize,
+then matmul); `quantized` runs them on CUDA with library kernels; `grouped` takes dense tensors and
+hands quantized ones to the reference.
 """
 
 from __future__ import annotations
@@ -20,30 +26,33 @@ import torch
 import torch.nn.functional as F
 
 from model.errors import check_known
+from model.quantization import ExpertWeight, Fp8ExpertWeights, Int4ExpertWeights, expert_matmul, fp8_quantize_rows
 
 
 class ExpertKernel(Protocol):
-    def __call__(self, x: torch.Tensor, counts: torch.Tensor, gate_up_proj: torch.Tensor,
-                 down_proj: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, counts: torch.Tensor, gate_up_proj: ExpertWeight,
+                 down_proj: ExpertWeight) -> torch.Tensor:
         """SwiGLU experts on rows sorted by expert: `x` `[N, hidden]`, `counts` `[E]` (int64, on
         x's device, sums to at most N; rows of expert e follow those of e - 1; rows past the sum are
         padding whose output is dropped), `gate_up_proj` `[E, hidden, 2 * inter]` (gate columns
-        first), `down_proj` `[E, inter, hidden]` -> `[N, hidden]`."""
+        first), `down_proj` `[E, inter, hidden]` (dense tensors or quantized weights of those shapes)
+        -> `[N, hidden]`."""
         ...
 
 
-def reference_kernel(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: torch.Tensor,
-                     down_proj: torch.Tensor) -> torch.Tensor:
+def reference_kernel(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: ExpertWeight,
+                     down_proj: ExpertWeight) -> torch.Tensor:
     """One matmul pair per expert that has rows (exact on the CPU; one host sync for the counts:
-    the yardstick, not the fast path)."""
+    the yardstick, not the fast path). Quantized weights are dequantized per expert (FP8
+    activations quantized per row first)."""
     sizes = counts.tolist()
     padding = x.shape[0] - sum(sizes)
     outputs = []
     for e, rows in enumerate(x.split([*sizes, padding])[: len(sizes)]):
         if sizes[e]:
-            gate, up = (rows @ gate_up_proj[e]).chunk(2, dim=-1)  # [n, inter] each
-            outputs.append((F.silu(gate) * up) @ down_proj[e])  # [n, hidden]
-    outputs.append(x.new_zeros(padding, down_proj.shape[-1]))
+            gate, up = expert_matmul(rows, gate_up_proj, e).chunk(2, dim=-1)  # [n, inter] each
+            outputs.append(expert_matmul(F.silu(gate) * up, down_proj, e))  # [n, hidden]
+    outputs.append(x.new_zeros(padding, x.shape[1]))
     return torch.cat(outputs)
 
 
@@ -51,32 +60,98 @@ def reference_kernel(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: torch.
 _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
 
-def grouped_kernel(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: torch.Tensor,
-                   down_proj: torch.Tensor) -> torch.Tensor:
+def grouped_kernel(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: ExpertWeight,
+                   down_proj: ExpertWeight) -> torch.Tensor:
     """Two grouped GEMMs (gate/up, then down) over every expert at once, the group boundaries
     as device-side int32 offsets: no host sync, one call per projection whatever the number of
     experts hit, and only the weights of experts that have rows are read (empty groups are
     skipped), so small decode batches need no gather of the chosen experts' weights. Exact
     against `reference_kernel` in fp32 on the CPU (the same matmul per group). On CUDA the fast
     path (CUTLASS) takes bf16 on sm90/sm100; other dtypes use torch's per-group fallback, which
-    copies the offsets to the host."""
+    copies the offsets to the host. Quantized weights go to the reference (or `quantized`)."""
+    if not (isinstance(gate_up_proj, torch.Tensor) and isinstance(down_proj, torch.Tensor)):
+        return reference_kernel(x, counts, gate_up_proj, down_proj)
     offs = counts.cumsum(0, dtype=torch.int32)  # [E] end row of each expert
     gate, up = _grouped_mm(x, gate_up_proj, offs=offs).chunk(2, dim=-1)  # [N, inter] each
     return _grouped_mm(F.silu(gate) * up, down_proj, offs=offs)  # [N, hidden]
 
 
-EXPERT_KERNELS: dict[str, ExpertKernel] = {"reference": reference_kernel, "grouped": grouped_kernel}
+def quantized_kernel(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: ExpertWeight,
+                     down_proj: ExpertWeight) -> torch.Tensor:
+    """Quantized experts on CUDA: FP8 with `torch._scaled_grouped_mm` (one grouped GEMM per
+    projection, row-wise scales; per-expert `torch._scaled_mm` where the grouped op is missing) and
+    int4 with PyTorch's tinygemm kernel (`torch.ops.aten._weight_int4pack_mm`, the kernel behind
+    torchao's int4 weight-only; per expert: it has no grouped form). Anywhere else, or for dense
+    weights, the reference."""
+    if isinstance(gate_up_proj, torch.Tensor) and isinstance(down_proj, torch.Tensor):
+        return grouped_kernel(x, counts, gate_up_proj, down_proj) if x.is_cuda else reference_kernel(
+            x, counts, gate_up_proj, down_proj)
+    if not x.is_cuda or type(gate_up_proj) is not type(down_proj):
+        return reference_kernel(x, counts, gate_up_proj, down_proj)
+    if isinstance(gate_up_proj, Fp8ExpertWeights):
+        assert isinstance(down_proj, Fp8ExpertWeights)
+        grouped = fp8_grouped if hasattr(torch, "_scaled_grouped_mm") else fp8_per_expert
+        gate, up = grouped(x, counts, gate_up_proj).chunk(2, dim=-1)
+        return grouped(F.silu(gate) * up, counts, down_proj).to(x.dtype)
+    if isinstance(gate_up_proj, Int4ExpertWeights):
+        assert isinstance(down_proj, Int4ExpertWeights)
+        return int4_per_expert(x, counts, gate_up_proj, down_proj)
+    return reference_kernel(x, counts, gate_up_proj, down_proj)
+
+
+def fp8_grouped(x: torch.Tensor, counts: torch.Tensor, w: Fp8ExpertWeights) -> torch.Tensor:
+    """`[N, K]` rows sorted by expert -> `[N, N_out]` bf16 through one `torch._scaled_grouped_mm` (CUDA, sm90+)."""
+    q, scale = fp8_quantize_rows(x, w.activation_scale_ub)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    return torch._scaled_grouped_mm(q, w.weight.transpose(-2, -1), scale, w.scale, offs=offs,
+                                    out_dtype=torch.bfloat16)
+
+
+def fp8_per_expert(x: torch.Tensor, counts: torch.Tensor, w: Fp8ExpertWeights) -> torch.Tensor:
+    """The same with one `torch._scaled_mm` per expert that has rows (row-wise scales)."""
+    q, scale = fp8_quantize_rows(x, w.activation_scale_ub)
+    sizes = counts.tolist()
+    split = [*sizes, x.shape[0] - sum(sizes)]  # the last part: padding rows (output dropped)
+    outputs = [torch._scaled_mm(qe, w.weight[e].t(), scale_a=se[:, None], scale_b=w.scale[e][None, :],
+                                out_dtype=torch.bfloat16)
+               for e, (qe, se) in enumerate(zip(q.split(split)[:-1], scale.split(split)[:-1], strict=True))
+               if sizes[e]]
+    outputs.append(x.new_zeros(split[-1], w.shape[2], dtype=torch.bfloat16))
+    return torch.cat(outputs)
+
+
+def int4_per_expert(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: Int4ExpertWeights,
+                    down_proj: Int4ExpertWeights) -> torch.Tensor:
+    """int4 weight-only experts with `torch.ops.aten._weight_int4pack_mm` (bf16 activations)."""
+    sizes = counts.tolist()
+    padding = x.shape[0] - sum(sizes)
+    xb = x.to(torch.bfloat16)
+    outputs = []
+    for e, rows in enumerate(xb.split([*sizes, padding])[: len(sizes)]):
+        if sizes[e]:
+            packed, sz = gate_up_proj.tinygemm(e)
+            gate, up = torch.ops.aten._weight_int4pack_mm(rows, packed, gate_up_proj.group_size, sz).chunk(2, dim=-1)
+            packed, sz = down_proj.tinygemm(e)
+            outputs.append(torch.ops.aten._weight_int4pack_mm(F.silu(gate) * up, packed, down_proj.group_size, sz))
+    outputs.append(xb.new_zeros(padding, x.shape[1]))
+    return torch.cat(outputs).to(x.dtype)
+
+EXPERT_KERNELS: dict[str, ExpertKernel] = {"reference": reference_kernel, "grouped": grouped_kernel,
+                                           "quantized": quantized_kernel}
 
 
 KERNEL_CHOICES = (*EXPERT_KERNELS, "auto")
 """What a config may name: a registered kernel, or `auto` (see `resolve_expert_kernel`)."""
 
 
-def resolve_expert_kernel(name: str, device: torch.device | str) -> str:
-    """`auto` -> `grouped` on CUDA, `reference` elsewhere (the CPU default the tests compare
-    against); any other name is checked and returned as it is."""
+def resolve_expert_kernel(name: str, device: torch.device | str, quantized: bool = False) -> str:
+    """`auto` -> on CUDA `quantized` for quantized experts and `grouped` otherwise; `reference`
+    elsewhere (the CPU default the tests compare against); any other name is checked and returned
+    as it is."""
     if name == "auto":
-        return "grouped" if torch.device(device).type == "cuda" else "reference"
+        if torch.device(device).type != "cuda":
+            return "reference"
+        return "quantized" if quantized else "grouped"
     return check_known("expert kernel", name, EXPERT_KERNELS)
 
 

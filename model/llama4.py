@@ -38,11 +38,12 @@ class Llama4(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.language_model.lm_head.weight.device
+        return self.language_model.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.language_model.lm_head.weight.dtype
+        """The dtype activations run in (the embedding's: an FP8 checkpoint may store Linears, never it, in FP8)."""
+        return self.language_model.model.embed_tokens.weight.dtype
 
     # ---- inputs ---------------------------------------------------------------------------
     def check_token_ids(self, input_ids: torch.Tensor) -> torch.Tensor:

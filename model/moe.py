@@ -17,6 +17,7 @@ from torch import nn
 
 from model.config import TextConfig
 from model.expert_kernel import expert_kernel
+from model.quantization import ExpertWeight
 
 
 class MLP(nn.Module):
@@ -35,7 +36,9 @@ class MLP(nn.Module):
 class Experts(nn.Module):
     """Routed experts `first_expert .. first_expert + num_experts - 1`, stored as in the checkpoint:
     `gate_up_proj` `[E, hidden, 2 * inter]` (gate columns first), `down_proj` `[E, inter, hidden]`.
-    `kernel` does the math (model/expert_kernel.py)."""
+    `kernel` does the math (model/expert_kernel.py). Quantized experts hold a weight module of
+    model/quantization.py in place of each tensor (`set_weights`); `forward` hands the kernel
+    whichever it holds."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, first_expert: int = 0,
                  kernel: str = "reference"):
@@ -45,6 +48,12 @@ class Experts(nn.Module):
         self.kernel = expert_kernel(kernel)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+
+    def set_weights(self, gate_up_proj: ExpertWeight, down_proj: ExpertWeight) -> None:
+        """Replace both stacked weights (dense tensors or quantized weight modules of the same shapes)."""
+        for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+            delattr(self, name)
+            setattr(self, name, nn.Parameter(w, requires_grad=False) if isinstance(w, torch.Tensor) else w)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Sum over the k choices of expert(score * x) for `x` `[T, hidden]`, `expert_ids` and

@@ -99,7 +99,7 @@ class Engine:
         if not settings.compile:
             return None
         backend = resolve_attention_backend(self.config.attention_backend, device)
-        kernel = resolve_expert_kernel(self.config.expert_kernel, device)
+        kernel = resolve_expert_kernel(self.config.expert_kernel, device, quantized=experts_quantized(self.model))
         traceable = backend in TRACEABLE_ATTENTION, experts_trace(kernel, self.model.dtype)
         if settings.cuda_graphs and not all(traceable):
             log.info("cuda_graphs: attention %s / experts %s in %s do not trace: compiling without CUDA graphs",
@@ -110,10 +110,11 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, *, device: str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> Engine:
+                        dtype: torch.dtype = torch.float32, quantization: str = "none") -> Engine:
+        """`quantization`: the routed experts' (none | fp8 | int4; model/quantization.py)."""
         from model.checkpoint import load
 
-        return cls(load(path, device=device, dtype=dtype), Tokenizer.from_dir(path), config)
+        return cls(load(path, device=device, dtype=dtype, quantization=quantization), Tokenizer.from_dir(path), config)
 
     # ---- the shared prefix cache ------------------------------------------------------------
     def attach_shared_cache(self, writer: SharedCacheWriter) -> None:
@@ -301,10 +302,15 @@ class Engine:
 def use_expert_kernel(model: Llama4, name: str) -> None:
     """Run the model's own routed experts with kernel `name` (`engine.expert_kernel`; `auto`
     resolved on the model's device)."""
-    kernel = expert_kernel(resolve_expert_kernel(name, model.device))
+    kernel = expert_kernel(resolve_expert_kernel(name, model.device, quantized=experts_quantized(model)))
     for module in model.modules():
         if isinstance(module, Experts):
             module.kernel = kernel
+
+
+def experts_quantized(model: Llama4) -> bool:
+    """Whether the model's routed experts hold quantized weights (FP8 checkpoint or on-the-fly)."""
+    return any(isinstance(m, Experts) and not isinstance(m.gate_up_proj, torch.Tensor) for m in model.modules())
 
 
 def _completion(request_id: str, outputs: list[RequestOutput]) -> Completion:

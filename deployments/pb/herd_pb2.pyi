@@ -113,14 +113,18 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "max_model_len", "multimodal")
+    __slots__ = ("id", "max_model_len", "multimodal", "weights_precision", "experts_precision")
     ID_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     MULTIMODAL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_PRECISION_FIELD_NUMBER: _ClassVar[int]
     id: str
     max_model_len: int
     multimodal: bool
-    def __init__(self, id: _Optional[str] = ..., max_model_len: _Optional[int] = ..., multimodal: _Optional[bool] = ...) -> None: ...
+    weights_precision: str
+    experts_precision: str
+    def __init__(self, id: _Optional[str] = ..., max_model_len: _Optional[int] = ..., multimodal: _Optional[bool] = ..., weights_precision: _Optional[str] = ..., experts_precision: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

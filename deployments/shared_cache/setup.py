@@ -51,7 +51,8 @@ def read_secret(cfg: RedisConfig) -> CacheSecret:
     return CacheSecret(raw)
 
 
-def connect_shared_cache(cfg: RedisConfig, engine: Engine, model_path: str) -> SharedCache:
+def connect_shared_cache(cfg: RedisConfig, engine: Engine, model_path: str, quantization: str = "none") -> SharedCache:
+    """`quantization`: the experts' on-the-fly quantization (part of the model fingerprint: it changes the KV)."""
     secret = read_secret(cfg)
     password = os.environ.get(cfg.password_env) if cfg.password_env else None
     if cfg.password_env and password is None:
@@ -65,7 +66,7 @@ def connect_shared_cache(cfg: RedisConfig, engine: Engine, model_path: str) -> S
     bytes_per_token = sum(layout.bytes_per_token(name) for name, _, _ in layout.groups)
     cost = FetchCost(cfg.fetch_policy, cfg.load_gbps * 1e9 if cfg.load_gbps else measure_load(store),
                      cfg.prefill_tokens_per_s or measure_prefill(engine, cfg.chunk_tokens), bytes_per_token)
-    cache = SharedCache(store, Namespace(fingerprint(model_path), layout, secret), cost)
+    cache = SharedCache(store, Namespace(fingerprint(model_path, quantization=quantization), layout, secret), cost)
     engine.attach_shared_cache(cache)
     log.info("shared prefix cache at %s: %d-token chunks, %.0f KiB/token, load %.2f GB/s vs prefill %.0f tok/s "
              "(fetch policy %s)", store.url, cfg.chunk_tokens, bytes_per_token / 1024, cost.load_bytes_per_s / 1e9,

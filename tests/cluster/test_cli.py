@@ -296,3 +296,38 @@ def test_up_no_auth_deploys_without_keys(tmp_path, monkeypatch, checkpoint):
     assert main(["up", "--model", str(checkpoint), "--no-auth"]) == 0
     assert main(["up", "--model", str(checkpoint)]) == 0
     assert [c.auth.enabled for c in deployed] == [False, True]
+
+
+def test_generate_offline_with_quantized_experts_and_an_fp8_checkpoint(checkpoint, capsys, tmp_path):
+    """--quantization fp8|int4 quantizes the experts at load; `herd synth --quantize fp8` writes Meta's
+    FP8 layout, which --offline serves in FP8 (int4 refused: one line, exit 1); --quantization without
+    --offline is a usage error."""
+    import torch
+
+    from model.checkpoint import load
+
+    prompt = ("--prompt-ids", "1,17,99,230,41,8")
+    for mode in ("none", "fp8", "int4"):
+        out = generate_offline(checkpoint, capsys, *prompt, "--quantization", mode)
+        ids = torch.tensor([1, 17, 99, 230, 41, 8])
+        model = load(checkpoint, quantization=mode)
+        assert out["token_ids"][0] == int(model.logits(ids)[-1].argmax())  # the quantized model's own greedy token
+    fp8 = tmp_path / "fp8"
+    assert main(["synth", "--preset", "tiny-scout", "--quantize", "fp8", "--out", str(fp8)]) == 0
+    capsys.readouterr()
+    assert len(generate_offline(fp8, capsys, *prompt)["token_ids"]) == 6
+    assert main(["generate", "--offline", "--model", str(fp8), *prompt, "--quantization", "int4"]) == 1
+    assert "served in FP8" in capsys.readouterr().err
+    out = herd("generate", "--prompt", "a", "--quantization", "fp8")
+    assert out.returncode == errors.EXIT_USAGE and "--quantization applies with --offline" in one_line_error(out)
+
+
+def test_herd_up_refuses_int4_of_an_fp8_checkpoint_before_ray(tmp_path):
+    from cluster.launcher import ClusterError, check_model
+    from deployments.config import HerdConfig
+    from model.synth import synthesize
+
+    synthesize(tmp_path, "tiny-scout", quantize="fp8", progress=False)
+    check_model(HerdConfig.model_validate({"model": str(tmp_path), "experts": {"quantization": "fp8"}}))
+    with pytest.raises(ClusterError, match=r"cannot serve .*: the checkpoint is FP8 .* served in FP8"):
+        check_model(HerdConfig.model_validate({"model": str(tmp_path), "experts": {"quantization": "int4"}}))

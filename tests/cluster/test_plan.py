@@ -8,7 +8,15 @@ import math
 import pytest
 
 from cluster.cli import main
-from cluster.plan import PlanDoesNotFit, check_fits, count_params, make_plan, plan_for_config, read_weight_dtype
+from cluster.plan import (
+    PlanDoesNotFit,
+    check_fits,
+    count_params,
+    make_plan,
+    plan_for_config,
+    read_fp8_config,
+    read_weight_dtype,
+)
 from deployments.config import HerdConfig
 from model.config import Llama4Config
 
@@ -244,11 +252,43 @@ def test_cli_bad_input_is_one_line(scout, capsys, args, message, status):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_cli_refuses_a_quantized_checkpoint(tmp_path, scout, capsys):
+def test_cli_refuses_an_unknown_quantization_method(tmp_path, scout, capsys):
     cfg = json.loads((scout / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "fbgemm_fp8"}}))
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "awq"}}))
     assert main(["plan", "--model", str(tmp_path), "--gpus", "8", "--gpu-memory", "80"]) == 1
-    assert "quantized checkpoint (quantization_config: fbgemm_fp8)" in capsys.readouterr().err
+    assert "quant_method 'awq' is not supported" in capsys.readouterr().err
+
+
+def test_quantized_experts_shrink_the_plan(scout):
+    """Scout's ~98B routed-expert parameters: ~196 GB in bf16, half in FP8, a quarter in int4 (scales
+    included); int4 puts the whole of Scout on one 80 GiB GPU, bf16 needs expert shards."""
+    bf16, fp8, int4 = (plan_of(scout, expert_quantization=q) for q in ("none", "fp8", "int4"))
+    assert 0.5 < fp8.expert_bytes / bf16.expert_bytes < 0.501
+    assert 0.25 < int4.expert_bytes / bf16.expert_bytes < 0.26
+    assert bf16.dense_bytes == fp8.dense_bytes == int4.dense_bytes
+    one_gpu = [plan_of(scout, gpus=1, expert_quantization=q) for q in ("none", "int4")]
+    assert not one_gpu[0].fits and one_gpu[1].fits and one_gpu[1].num_expert_shards == 0
+    assert one_gpu[1].herd_config()["experts"] == {"mode": "colocated", "quantization": "int4"}
+
+
+def test_meta_fp8_checkpoint_is_sized_as_stored(tmp_path, maverick, capsys):
+    """Maverick in Meta's FP8 layout: FP8 experts and FP8 shared experts / dense MLPs (as its
+    modules_to_not_convert leaves them), attention and lm_head in bf16; fits one 8 x 80 GiB node."""
+    from model.synth import FP8_MODULES_TO_NOT_CONVERT
+
+    cfg = json.loads((maverick / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
+                                  "modules_to_not_convert": FP8_MODULES_TO_NOT_CONVERT}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    bf16, fp8 = plan_of(maverick), plan_of(tmp_path, fp8_checkpoint=read_fp8_config(tmp_path))
+    assert fp8.expert_quantization == "fp8" and fp8.expert_bytes < 0.51 * bf16.expert_bytes
+    assert 0.5 * bf16.dense_bytes < fp8.dense_bytes < bf16.dense_bytes  # shared experts and dense MLPs in FP8
+    assert fp8.vision_bytes == bf16.vision_bytes  # vision_model is not converted
+    assert not bf16.fits and fp8.fits
+    assert main(["plan", "--model", str(tmp_path), "--gpus", "8", "--gpu-memory", "80"]) == 0
+    assert "routed experts fp8" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="served in FP8"):
+        plan_of(tmp_path, fp8_checkpoint=read_fp8_config(tmp_path), expert_quantization="int4")
 
 
 def test_kv_cache_bytes_too_small_for_the_engine(scout):
@@ -271,3 +311,6 @@ def test_herd_up_refuses_what_does_not_fit_the_gpus(scout, maverick):
     scout_cfg = HerdConfig.model_validate({"model": str(scout), "engine": engine})
     with pytest.raises(ClusterError, match="does not fit"):
         check_gpu_memory(scout_cfg, 1, 80 * 2**30)  # 200 GiB of bf16 experts colocated on one GPU
+    int4 = HerdConfig.model_validate({"model": str(scout), "engine": {"kv_cache_bytes": 2 * 2**30},
+                                      "experts": {"quantization": "int4"}})
+    check_gpu_memory(int4, 1, 80 * 2**30)  # int4 experts (~50 GiB with scales): Scout on one 80 GiB GPU

@@ -124,6 +124,7 @@ def test_grpc_health_and_models(colocated):
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     models = grpc_stub(colocated).ListModels(pb.ListModelsRequest(), timeout=30)
     assert [m.id for m in models.models] == [colocated.model_dir.name] and models.models[0].multimodal
+    assert (models.models[0].weights_precision, models.models[0].experts_precision) == ("fp32", "fp32")  # CPU
 
 
 def test_grpc_reflection_lists_the_herd_service(colocated):

@@ -87,3 +87,28 @@ def test_served_engines_default_to_a_reachable_max_waiting():
     assert HerdConfig.model_validate({"model": "m", "engine": {"max_num_seqs": 8}}).engine.max_waiting == 128
     assert HerdConfig.model_validate({"model": "m", "engine": {"max_waiting": 7}}).engine.max_waiting == 7
     assert EngineConfig().max_waiting == 4096  # offline batches (Engine.generate, benchmarks) are not capped
+
+
+def test_expert_quantization_is_checked_and_names_the_served_precision(tmp_path):
+    """experts.quantization: none | fp8 | int4; served_precision is what /v1/models and ListModels say."""
+    import json
+
+    from deployments.openai_api import models_list
+    from model.errors import ConfigError
+
+    with pytest.raises(ValidationError, match=r"experts\.quantization[\s\S]*unknown expert quantization 'int8'"):
+        HerdConfig.model_validate({"model": "m", "experts": {"quantization": "int8"}})
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama4"}))
+    cpu = HerdConfig.model_validate({"model": str(tmp_path)})
+    assert cpu.served_precision() == {"weights": "fp32", "experts": "fp32"}
+    gpu_int4 = HerdConfig.model_validate({"model": str(tmp_path), "router_service": {"num_gpus": 1},
+                                          "experts": {"quantization": "int4"}})
+    assert gpu_int4.served_precision() == {"weights": "bf16", "experts": "int4"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama4",
+                                                      "quantization_config": {"quant_method": "fbgemm_fp8"}}))
+    assert HerdConfig.model_validate({"model": str(tmp_path), "device": "cuda"}).served_precision() == \
+        {"weights": "bf16", "experts": "fp8"}  # Meta's FP8 checkpoint is served in FP8
+    with pytest.raises(ConfigError, match="served in FP8"):
+        gpu_int4.served_precision()
+    body = models_list(["m"], created=1, precision={"weights": "bf16", "experts": "fp8"})
+    assert body["data"][0]["precision"] == {"weights": "bf16", "experts": "fp8"} and body["data"][0]["id"] == "m"

@@ -114,3 +114,33 @@ def test_kill_pool_kills_shards_placement_group_and_pool(shards):
             ray.get(handle.info.remote(), timeout=60)
     assert placement_group_table(pg)["state"] == "REMOVED"
     assert kill_pool() is False  # no pool: nothing to do
+
+
+def test_int4_shards_quantize_their_slice_and_equal_colocated_int4(shards, checkpoint):
+    """After the kill test (the `shards` fixture keeps Ray up): a pool of int4 shards. Each quantizes only
+    its own experts (half of the model's int4 expert bytes each), and greedy tokens through them equal
+    those of the colocated int4 model."""
+    import ray
+
+    from model.moe import Experts
+    from model.quantization import module_bytes
+
+    cfg = ExpertsConfig(mode="sharded", num_shards=2, num_cpus_per_shard=1, quantization="int4")
+    try:
+        int4_shards = wait_for_shards(get_or_create_pool(str(checkpoint), cfg, "cpu", DTYPE), timeout_s=300)
+        colocated_model = load(checkpoint, dtype=DTYPE, quantization="int4")
+        total = sum(module_bytes(m) for m in colocated_model.modules() if isinstance(m, Experts))
+        infos = ray.get([handle.info.remote() for handle, _ in int4_shards], timeout=60)
+        assert [i["weights"] for i in infos] == [["Int4ExpertWeights"]] * 2
+        assert [i["expert_bytes"] for i in infos] == [total // 2] * 2
+        engine_cfg = EngineConfig(block_size=4, max_num_batched_tokens=32, max_num_seqs=4, kv_cache_bytes=8 * 2**20)
+        tok = Tokenizer.from_dir(checkpoint)
+        colocated = Engine(colocated_model, tok, engine_cfg)
+        sharded = Engine(load(checkpoint, dtype=DTYPE, experts=range(0, 0)), tok, engine_cfg,
+                         experts=ShardedExperts(int4_shards, timeout_s=120))
+        prompts = [[5, 17, 99, 230, 41, 8], [300, 12, 77, 150]]
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        assert [c.token_ids for c in sharded.generate(prompts, params)] == \
+            [c.token_ids for c in colocated.generate(prompts, params)]
+    finally:
+        kill_pool()

@@ -55,6 +55,8 @@ def test_redis_url_follows_the_redis_choice(renders):
 def test_single_gpu_profile_colocates_experts_on_one_gpu(renders):
     app = serve_config(renders["single-gpu"])["applications"][0]
     assert app["args"]["experts"]["mode"] == "colocated"
+    assert app["args"]["experts"]["quantization"] == "int4"  # Scout fits one 80 GB GPU with int4 experts
+    assert serve_config(renders["default"])["applications"][0]["args"]["experts"]["quantization"] == "none"
     deployments = {d["name"]: d for d in app["deployments"]}
     assert deployments["RouterService"]["num_replicas"] == 1
     gpus = sum(deployments[n]["ray_actor_options"]["num_gpus"] for n in ("RouterService", "VisionEncoder"))

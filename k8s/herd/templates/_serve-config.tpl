@@ -47,6 +47,7 @@ applications:
       num_shards: {{ int $v.experts.numShards }}
       placement_strategy: {{ $v.experts.placementStrategy }}
       num_gpus_per_shard: {{ $v.experts.gpusPerShard }}
+      quantization: {{ $v.experts.quantization | default "none" }}
     engine:
       max_num_seqs: {{ int $v.limits.maxNumSeqs }}
       max_model_len: {{ int $v.limits.maxModelLen }}
