@@ -36,6 +36,18 @@ class ExpertsConfig(_Frozen):
     startup_timeout_s: float = Field(600.0, gt=0,
                                      description="how long a router-service replica waits for the shards to load")
     kernel: str = Field("reference", description="the routed experts' kernel, a name from model/expert_kernel.py")
+    transport: Literal["collective", "ray"] = Field(
+        "collective",
+        description="collective: replicas and shards form one torch.distributed group (gloo on CPU, NCCL on GPU) and "
+        "exchange each MoE layer's rows in lockstep, each shard running the union of all replicas' rows at once; "
+        "ray: one Ray actor call per shard and MoE layer (slower; needs no ports between pods beyond Ray's)",
+    )
+    micro_batches: int = Field(1, ge=1, le=2, description="collective: split each step in this many micro-batches "
+                               "(2: one's attention runs while the other's experts do)")
+    group_timeout_s: float = Field(30.0, gt=0, description="collective: timeout of every wait in the expert group "
+                                   "(forming it, each exchange); above the longest engine step")
+    idle_poll_s: float = Field(0.02, gt=0, description="collective: how long an idle group waits between steps (the "
+                               "most a request arriving at an idle cluster waits for its first step)")
 
     @field_validator("kernel")
     @classmethod

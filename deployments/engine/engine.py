@@ -167,6 +167,16 @@ class Engine:
         self.scheduler.finish(state.seq)
         return True
 
+    @property
+    def lockstep(self) -> bool:
+        """The expert backend steps in lockstep with others: the engine must call `idle` whenever it has
+        nothing to run (`AsyncEngine` does)."""
+        return self.runner.experts.lockstep
+
+    def idle(self) -> None:
+        """Nothing to run: let the expert backend take part in its group's step."""
+        self.runner.idle()
+
     def has_unfinished(self) -> bool:
         return bool(self._states)
 
@@ -190,6 +200,7 @@ class Engine:
         request that broke the batch finishes alone with finish_reason "error")."""
         chunks = self.scheduler.schedule()
         if not chunks:
+            self.runner.idle()
             return []
         self.num_steps += 1
         return self._run(chunks)

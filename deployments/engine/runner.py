@@ -4,9 +4,16 @@ reading and writing the paged KV cache. Returns the logits of the rows that samp
 The decoder block is the model's own (`model/text.py`); the runner hands each layer an attention
 function over the paged cache (the configured attention backend) and the expert backend that runs
 its routed experts.
+
+A forward pass is framed by the expert backend's `step()`. When the backend asks for two
+micro-batches, the chunks are split in two halves (by tokens) run on two threads: while one half
+waits for its routed experts (on the expert shards), the other computes its attention.
 """
 
 from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -36,9 +43,40 @@ class ModelRunner:
         self.device = model.device
         self.inv_freq = text_inv_freq(model.cfg.text, self.device)
 
-    @torch.inference_mode()
+        self._helper: ThreadPoolExecutor | None = None  # runs the second micro-batch
+        self._count_lock = threading.Lock()
+
+    def idle(self) -> None:
+        """Nothing to run this step (a lockstep expert backend still takes part in its group's step)."""
+        self.experts.idle()
+
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits `[num_sampling_chunks, vocab]` (fp32), in the order of the sampling chunks."""
+        with self.experts.step():
+            parts = split_tokens(chunks, self.experts.micro_batches)
+            if len(parts) == 1:
+                with self.experts.micro_batch(0):
+                    return self._forward(chunks)
+            if self._helper is None:
+                self._helper = ThreadPoolExecutor(max_workers=len(parts) - 1, thread_name_prefix="herd-microbatch")
+            futures = [self._helper.submit(self._micro_batch, i, part) for i, part in enumerate(parts) if i]
+            logits: list[torch.Tensor | None] = []
+            error: BaseException | None = None
+            for run in [lambda: self._micro_batch(0, parts[0]), *(f.result for f in futures)]:
+                try:  # every micro-batch is waited for, even after one failed
+                    logits.append(run())
+                except BaseException as e:
+                    error = error or e
+            if error is not None:
+                raise error
+            return torch.cat([t for t in logits if t is not None])
+
+    def _micro_batch(self, index: int, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
+        with self.experts.micro_batch(index):
+            return self._forward(chunks) if chunks else None
+
+    @torch.inference_mode()
+    def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         ids, positions = self._inputs(chunks)
         layouts = {g.name: self.attention.layout(g, chunks) for g in self.kv.groups}
         x = self._embed(ids, chunks)
@@ -91,7 +129,22 @@ class ModelRunner:
         """Layer `layer`'s routed experts on the expert backend, counting tokens per expert."""
 
         def routed(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            self.expert_tokens += torch.bincount(expert_ids.flatten(), minlength=self.expert_tokens.numel())
+            counts = torch.bincount(expert_ids.flatten(), minlength=self.expert_tokens.numel())
+            with self._count_lock:  # two micro-batches may count at once
+                self.expert_tokens += counts
             return self.experts.run(layer, x, expert_ids, scores)
 
         return routed
+
+
+def split_tokens(chunks: list[ScheduledChunk], parts: int) -> list[list[ScheduledChunk]]:
+    """`chunks` in `parts` consecutive groups of about equal tokens (some may be empty); order kept."""
+    if parts <= 1:
+        return [chunks]
+    total = sum(c.num_tokens for c in chunks)
+    out: list[list[ScheduledChunk]] = [[] for _ in range(parts)]
+    seen = 0
+    for c in chunks:
+        out[min(parts - 1, seen * parts // max(total, 1))].append(c)
+        seen += c.num_tokens
+    return out
