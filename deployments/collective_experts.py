@@ -134,7 +134,7 @@ class CollectiveExperts:
         """The group failed: leave it (our peers fail at once too); the next step joins a newer one."""
         if self.group is not None:
             log.warning("expert group generation %d failed: %s", self.group.spec.generation, error)
-            self.group.close()
+            self.group.close(error)
             self.group = None
         self.stats.failures += 1
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,17 @@ class ExpertsUnavailable(ExpertBackendUnavailable):
 
 class GroupError(RuntimeError):
     """A collective of the expert group failed or timed out; the group is unusable (form the next one)."""
+
+
+def drop_frames(error: BaseException) -> None:
+    """Clear the locals of the finished frames of `error` and of its causes (they hold the group's
+    pending `Work`s, which keep its connections open)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__cause__ or e.__context__
 
 
 @dataclass(frozen=True)
@@ -142,6 +154,7 @@ class ExpertGroup:
             self._flags = torch.zeros(self.num_replicas + 1, dtype=torch.int64, device=self.device)
             self._wait(self.pg.allreduce([self._flags]), "forming the group")
         except (RuntimeError, dist.DistError) as e:
+            self.pg = None  # type: ignore[assignment]
             raise GroupError(f"expert group generation {spec.generation}: rank {rank} could not join "
                              f"({spec.world_size} members, store {spec.host}:{spec.port}): {e}") from e
         log.info("expert group generation %d formed: rank %d of %d in %.2f s", spec.generation, rank,
@@ -184,20 +197,13 @@ class ExpertGroup:
     def wait(self, work, what: str) -> None:
         self._wait(work, what)
 
-    def close(self) -> None:
-        """Leave: close the connections (peers still waiting on us fail at once)."""
-        pg, self.pg = getattr(self, "pg", None), None
-        if pg is None:
-            return
-        for method in ("abort", "shutdown"):
-            fn = getattr(pg, method, None)
-            if fn is not None:
-                try:
-                    fn()
-                    break
-                except Exception:
-                    continue
-        del pg
+    def close(self, error: BaseException | None = None) -> None:
+        """Leave: close the connections, so that peers still waiting on us fail at once. Gloo closes
+        them only when the last reference to the group's context goes, and every pending `Work`
+        holds one: `error` (what made us leave) has the locals of its frames cleared first."""
+        if error is not None:
+            drop_frames(error)
+        self.pg = None
 
 
 @dataclass
@@ -286,3 +292,25 @@ def serve_shard_steps(group: ExpertGroup, experts: dict, stats: ShardStats, refo
                 for w in sends:
                     group.wait(w, f"returning rows of MoE layer {layer}")
                 stats.record(start, len(parts))
+
+
+def serve_shard_generation(spec: GroupSpec, rank: int, experts: dict, stats: ShardStats, reform_requested,
+                           device: torch.device | str = "cpu") -> str | None:
+    """Form generation `spec` as shard `rank` and serve its steps until a re-form (returns None) or a
+    failure (returns what failed; the group is closed either way)."""
+    group = None
+    try:
+        group = ExpertGroup(spec, rank, device)
+        stats.generation = spec.generation
+        stats.groups_formed += 1
+        with torch.inference_mode():
+            serve_shard_steps(group, experts, stats, reform_requested)
+        return None
+    except GroupError as e:
+        if group is not None:
+            group.close(e)
+            group = None
+        return str(e)
+    finally:
+        if group is not None:
+            group.close()

@@ -27,14 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.config import ExpertsConfig
 from deployments.engine.experts import UnframedBackend
-from deployments.expert_group import (
-    ExpertGroup,
-    ExpertsUnavailable,
-    GroupError,
-    GroupSpec,
-    ShardStats,
-    serve_shard_steps,
-)
+from deployments.expert_group import ExpertsUnavailable, GroupSpec, ShardStats, serve_shard_generation
 from model.checkpoint import load_expert_shard
 from model.config import Llama4Config
 from model.device import resolve_device
@@ -115,20 +108,14 @@ class ExpertShard:
                 while self._pending is None:
                     self._cond.wait()
                 (spec, rank), self._pending = self._pending, None
-            group = None
             try:
-                group = ExpertGroup(spec, rank, self.device)
-                self.group_stats.generation = spec.generation
-                self.group_stats.groups_formed += 1
-                with torch.inference_mode():
-                    serve_shard_steps(group, self.experts, self.group_stats, lambda: self._pending is not None)
-            except GroupError as e:  # the pool hands out the next generation when a replica asks for it
-                log.warning("expert shard %s: %s", self.range, e)
-            except Exception:
+                error = serve_shard_generation(spec, rank, self.experts, self.group_stats,
+                                               lambda: self._pending is not None, self.device)
+            except Exception:  # a bug, not the group: log it, wait for the next generation
                 log.exception("expert shard %s: the group loop failed", self.range)
-            finally:
-                if group is not None:
-                    group.close()
+                continue
+            if error is not None:  # the pool hands out the next generation when a replica asks for it
+                log.warning("expert shard %s left generation %d: %s", self.range, spec.generation, error)
 
     def _publish_metrics(self) -> None:
         from deployments.metrics import ExpertShardMetrics
