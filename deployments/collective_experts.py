@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deployments.expert_group import HEADER, ExpertGroup, ExpertsUnavailable, GroupError, GroupSpec, Wire
+from deployments.expert_group import (
+    HEADER,
+    ExpertGroup,
+    ExpertsUnavailable,
+    GroupError,
+    GroupSpec,
+    GroupSuperseded,
+    Wire,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +123,18 @@ class CollectiveExperts:
         return self.group.spec.micro_batches if self.group is not None else 1
 
     def _connect(self) -> ExpertGroup:
-        spec = self.join(self.last_generation)
-        try:
-            group = ExpertGroup(spec, spec.replica_rank(self.replica_id), self.device)
-        except GroupError as e:
-            self.last_generation = spec.generation
-            raise ExpertsUnavailable(str(e)) from e
+        for attempt in range(3):
+            spec = self.join(self.last_generation)
+            try:
+                group = ExpertGroup(spec, spec.replica_rank(self.replica_id), self.device)
+                break
+            except GroupSuperseded as e:  # replicas joining at once: the newest generation has everyone
+                self.last_generation = spec.generation
+                if attempt == 2:
+                    raise ExpertsUnavailable(str(e)) from e
+            except GroupError as e:
+                self.last_generation = spec.generation
+                raise ExpertsUnavailable(str(e)) from e
         if self.stats.generation >= 0:
             self.stats.reforms += 1
         self.stats.generation = self.last_generation = spec.generation

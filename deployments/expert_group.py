@@ -54,6 +54,10 @@ class GroupError(RuntimeError):
     """A collective of the expert group failed or timed out; the group is unusable (form the next one)."""
 
 
+class GroupSuperseded(GroupError):
+    """The pool handed out a newer generation while this one was forming: join that one."""
+
+
 def drop_frames(error: BaseException) -> None:
     """Clear the locals of the finished frames of `error` and of its causes (they hold the group's
     pending `Work`s, which keep its connections open)."""
@@ -90,6 +94,18 @@ class GroupSpec:
 
     def replica_rank(self, replica_id: str) -> int:
         return len(self.shards) + self.replicas.index(replica_id)
+
+
+LATEST = "herd-expert-group/latest"
+
+
+def publish_generation(store, generation: int) -> None:
+    """Tell the members on `store` (the pool's) that `generation` is the newest one."""
+    store.set(LATEST, str(generation))
+
+
+def latest_generation(store) -> int:
+    return int(store.get(LATEST)) if store.check([LATEST]) else -1
 
 
 class Wire:
@@ -142,6 +158,7 @@ class ExpertGroup:
         t0 = time.perf_counter()
         try:
             store = dist.TCPStore(spec.host, spec.port, is_master=False, timeout=timeout, wait_for_workers=False)
+            self._arrive(store)
             prefixed = dist.PrefixStore(f"herd-expert-group/{spec.generation}/", store)
             if spec.backend == "nccl":
                 options = dist.ProcessGroupNCCL.Options()
@@ -159,6 +176,23 @@ class ExpertGroup:
                              f"({spec.world_size} members, store {spec.host}:{spec.port}): {e}") from e
         log.info("expert group generation %d formed: rank %d of %d in %.2f s", spec.generation, rank,
                  spec.world_size, time.perf_counter() - t0)
+
+    def _arrive(self, store) -> None:
+        """Wait until every member arrived at this generation; give up at once when the pool has
+        handed out a newer one (members that joined at about the same time would otherwise wait
+        for a member that went on to the newer one until the timeout)."""
+        spec = self.spec
+        arrived = f"herd-expert-group/{spec.generation}/arrived"
+        store.add(arrived, 1)
+        deadline = time.monotonic() + spec.timeout_s
+        while store.add(arrived, 0) < spec.world_size:
+            if latest_generation(store) > spec.generation:
+                raise GroupSuperseded(f"expert group generation {spec.generation} superseded by generation "
+                                 f"{latest_generation(store)} before it formed")
+            if time.monotonic() > deadline:
+                raise GroupError(f"expert group generation {spec.generation}: {store.add(arrived, 0)} of "
+                                 f"{spec.world_size} members arrived within {spec.timeout_s:g} s")
+            time.sleep(0.002)
 
     def _wait(self, work, what: str) -> None:
         try:

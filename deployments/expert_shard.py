@@ -27,7 +27,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.config import ExpertsConfig
 from deployments.engine.experts import UnframedBackend
-from deployments.expert_group import ExpertsUnavailable, GroupSpec, ShardStats, serve_shard_generation
+from deployments.expert_group import (
+    ExpertsUnavailable,
+    GroupSpec,
+    ShardStats,
+    publish_generation,
+    serve_shard_generation,
+)
 from model.checkpoint import load_expert_shard
 from model.config import Llama4Config
 from model.device import resolve_device
@@ -172,10 +178,12 @@ class ExpertPool:
     def join(self, replica_id: str, handle, capacity: int, after_generation: int) -> GroupSpec:
         """The generation of the expert group `replica_id` must form: newer than `after_generation`, with
         this replica in it (a new one when needed: after a failure, or for a replica not in the current one)."""
-        fresh = replica_id not in self.members
         self.members[replica_id] = (handle, capacity)
         spec = self.spec
-        if not fresh and spec is not None and spec.generation > after_generation and replica_id in spec.replicas:
+        # after_generation < 0: a replica (re)starting its backend; it must not be handed a generation
+        # formed before it came (its old self may be in it)
+        if after_generation >= 0 and spec is not None and spec.generation > after_generation \
+                and replica_id in spec.replicas:
             return spec
         return self._reform(after_generation)
 
@@ -204,7 +212,7 @@ class ExpertPool:
             except ray.exceptions.GetTimeoutError:
                 pass  # busy, not dead: it stays
         try:
-            ray.get([s.info.remote() for s in self.shards], timeout=self.experts.group_timeout_s)
+            wait_until_alive(self.shards, self.experts.startup_timeout_s)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
                 ray.exceptions.GetTimeoutError) as e:
             raise ExpertsUnavailable(f"expert shards not ready for a new expert group: {e}") from e
@@ -215,6 +223,7 @@ class ExpertPool:
             replicas=tuple(self.members), moe_layers=self.moe_layers, hidden_size=self.hidden_size, top_k=self.top_k,
             capacity=max(c for _, c in self.members.values()), dtype=self.dtype, micro_batches=e.micro_batches,
             timeout_s=e.group_timeout_s, backend="nccl" if e.num_gpus_per_shard > 0 else "gloo")
+        publish_generation(self.store, spec.generation)  # members still forming an older one give up
         ray.get([s.join_group.remote(spec, rank) for rank, s in enumerate(self.shards)], timeout=e.group_timeout_s)
         self.spec = spec
         log.info("expert group generation %d: %d shards, replicas %s", spec.generation, len(spec.shards), spec.replicas)
@@ -232,6 +241,20 @@ def get_or_create_pool(model_path: str, cfg: ExpertsConfig, device: str,
     """`dtype`: the engine's model dtype; the shards hold their experts in it."""
     return ExpertPool.options(name=POOL_NAME, namespace=NAMESPACE, lifetime="detached",
                               get_if_exists=True).remote(model_path, cfg.model_dump(), device, dtype)
+
+
+def wait_until_alive(shards: list, timeout_s: float) -> None:
+    """Until every shard answers (a restarting one is waited for); the last error after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    for shard in shards:
+        while True:
+            try:
+                ray.get(shard.info.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+                break
+            except ray.exceptions.ActorUnavailableError:  # restarting
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
 
 def join_expert_group(pool_of: Callable[[], ray.actor.ActorHandle], replica_id: str, capacity: int,

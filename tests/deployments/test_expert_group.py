@@ -22,6 +22,7 @@ from deployments.expert_group import ExpertsUnavailable, GroupSpec, ShardStats, 
 from model.checkpoint import load, load_expert_shard
 from model.synth import synthesize
 from model.tokenizer import Tokenizer
+from tests.deployments.replicas import run_replicas
 
 ENGINE = EngineConfig(block_size=4, max_num_batched_tokens=32, max_num_seqs=4, kv_cache_bytes=8 * 2**20)
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -71,38 +72,11 @@ class Group:
                       experts=backend), backend
 
 
-def run_replicas(engines: dict[str, Engine], prompts: dict) -> dict:
-    """Each engine generates its prompts on its own thread, then idles until every engine is done
-    (an engine with nothing to do still steps with the group)."""
-    got: dict = {}
-    done = threading.Event()
-
-    def serve(rid: str) -> None:
-        got[rid] = [c.token_ids for c in engines[rid].generate(prompts[rid], GREEDY)]
-        if len(got) == len(engines):
-            done.set()
-        try:
-            while not done.is_set():
-                engines[rid].idle()
-        except ExpertsUnavailable:  # the other replica finished and left the group
-            pass
-        finally:
-            engines[rid].runner.experts.close()
-
-    threads = [threading.Thread(target=serve, args=(rid,)) for rid in engines]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads), "a replica hung"
-    return got
-
-
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_two_replicas_two_shards_equal_colocated_with_union_batches(checkpoint, colocated, micro_batches):
     group = Group(checkpoint, micro_batches)
     engines = {rid: group.replica(checkpoint, rid)[0] for rid in ("a", "b")}
-    assert run_replicas(engines, PROMPTS) == colocated
+    assert run_replicas(engines, PROMPTS, GREEDY) == colocated
     for stats in group.stats:  # both replicas' rows ran in one expert call
         assert stats.union_calls > 0 and stats.max_replicas == 2
         assert stats.rows > 0 and stats.max_rows <= 2 * ENGINE.max_num_batched_tokens
@@ -148,7 +122,7 @@ def test_a_failing_micro_batch_keeps_the_group_in_step(checkpoint, colocated):
         return forward(*args, **kwargs)
 
     attention.forward = flaky
-    assert run_replicas({"a": a, "b": b}, PROMPTS) == colocated
+    assert run_replicas({"a": a, "b": b}, PROMPTS, GREEDY) == colocated
     assert len(calls) > 2 and not any("out of step" in (e or "") for e in group.ended)
 
 
