@@ -213,6 +213,7 @@ class CollectiveExperts:
             raise ExpertsUnavailable(f"expert group failed at MoE layer {layer}: {e}") from e
 
     # ---- one exchange ------------------------------------------------------------------------
+    @torch.inference_mode()
     def _post(self, group: ExpertGroup, layer: int, mb: int, rows) -> list:
         """Send each shard its rows of `layer` (`rows` None: none), post the receives of the replies."""
         spec, wire = group.spec, self._bufs["wire"]
@@ -250,6 +251,7 @@ class CollectiveExperts:
                 group.wait(w, f"sending rows of MoE layer {layer}")
         return posted
 
+    @torch.inference_mode()
     def _complete(self, group: ExpertGroup, layer: int, x: torch.Tensor, posted: list) -> torch.Tensor:
         t0 = time.perf_counter()
         out = torch.zeros_like(x)

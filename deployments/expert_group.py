@@ -168,8 +168,7 @@ class ExpertGroup:
                 self.pg = dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timeout)
             self._store = store
             # gloo connects every pair here; a first all-reduce makes sure everyone did
-            self._flags = torch.zeros(self.num_replicas + 1, dtype=torch.int64, device=self.device)
-            self._wait(self.pg.allreduce([self._flags]), "forming the group")
+            self._wait(self.pg.allreduce([torch.zeros(1, device=self.device)]), "forming the group")
         except (RuntimeError, dist.DistError) as e:
             self.pg = None  # type: ignore[assignment]
             raise GroupError(f"expert group generation {spec.generation}: rank {rank} could not join "
@@ -205,8 +204,7 @@ class ExpertGroup:
 
     def begin(self, active: bool = False, reform: bool = False) -> tuple[list[int], bool]:
         """Start a group step: (indices of the replicas taking part, whether to leave for a new generation)."""
-        flags = self._flags
-        flags.zero_()
+        flags = torch.zeros(self.num_replicas + 1, dtype=torch.int64, device=self.device)
         if self.rank >= len(self.spec.shards) and active:
             flags[self.rank - len(self.spec.shards)] = 1
         if reform:

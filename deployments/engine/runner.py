@@ -50,6 +50,7 @@ class ModelRunner:
         """Nothing to run this step (a lockstep expert backend still takes part in its group's step)."""
         self.experts.idle()
 
+    @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits `[num_sampling_chunks, vocab]` (fp32), in the order of the sampling chunks."""
         with self.experts.step():
