@@ -127,10 +127,7 @@ def test_still_healthy_after_bad_input(sharded):
 
 
 def test_killed_shard_fails_fast_then_recovers(sharded):
-    from deployments.expert_shard import NAMESPACE, POOL_NAME
-
-    pool = ray.get_actor(POOL_NAME, namespace=NAMESPACE)
-    shard, _ = ray.get(pool.shards_and_ranges.remote())[0]
+    shard, _ = ray.get(pool().shards_and_ranges.remote())[0]
     long = pb.GenerateRequest(text="tell me a long story", sampling=pb.SamplingParams(
         max_tokens=2000, temperature=0, ignore_eos=True))
     errors, started = [], threading.Event()

@@ -25,6 +25,10 @@ capabilities:
 {{- if .Values.redis.auth.enabled }}
 {{ include "herd.redis.passwordEnv" (dict "root" . "name" "REDIS_PASSWORD") }}
 {{- end }}
+{{- range $name, $value := .Values.experts.collectiveEnv }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
 {{- with .Values.rayExtraEnv }}
 {{ toYaml . }}
 {{- end }}

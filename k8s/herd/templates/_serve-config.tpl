@@ -46,6 +46,9 @@ applications:
       num_shards: {{ int $v.experts.numShards }}
       placement_strategy: {{ $v.experts.placementStrategy }}
       num_gpus_per_shard: {{ $v.experts.gpusPerShard }}
+      transport: {{ $v.experts.transport | default "collective" }}
+      micro_batches: {{ int ($v.experts.microBatches | default 1) }}
+      group_timeout_s: {{ $v.experts.groupTimeoutSeconds | default 30 }}
     engine:
       max_num_seqs: {{ int $v.limits.maxNumSeqs }}
       max_model_len: {{ int $v.limits.maxModelLen }}
