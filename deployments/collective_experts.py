@@ -39,6 +39,7 @@ class ReplicaStats:
     steps: int = 0
     idle_steps: int = 0
     wait_s: list[float] = field(default_factory=list)  # per exchange: time blocked on the shards' replies
+    rows_sent: dict[int, int] = field(default_factory=dict)  # shard -> rows sent to it (all layers)
 
     def record_wait(self, seconds: float) -> None:
         if len(self.wait_s) < 10_000:
@@ -227,6 +228,7 @@ class CollectiveExperts:
                 x, ids, scores = rows
                 idx = ((ids >= start) & (ids < stop)).any(dim=1).nonzero().squeeze(1)
                 n = idx.numel()
+                self.stats.rows_sent[s] = self.stats.rows_sent.get(s, 0) + n
                 if n > wire.capacity:
                     raise GroupError(f"{n} rows for one shard exceed the group's capacity of {wire.capacity}")
             wire.header(buf).copy_(torch.tensor([n, layer, group.steps, mb], dtype=torch.int64))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -92,7 +93,7 @@ class ExpertShard:
         log.info("expert shard %s ready on %s in %s (%d MoE layers)", self.range, self.device, dtype, len(self.experts))
 
     def info(self) -> dict:
-        return {"experts": self.range, "node_id": ray.get_runtime_context().get_node_id()}
+        return {"experts": self.range, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def join_group(self, spec: GroupSpec, rank: int) -> None:
         """Leave the current generation of the expert group at its next step boundary and form `spec`."""

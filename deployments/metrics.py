@@ -78,6 +78,8 @@ class RouterServiceMetrics:
         self.group.generation.set(stats.generation, tags={"member": "replica"})
         inc_by_growth(self.group.reforms, self._group_seen, "reforms", stats.reforms, {"member": "replica"})
         inc_by_growth(self.group.failures, self._group_seen, "failures", stats.failures, {"member": "replica"})
+        for shard, rows in list(stats.rows_sent.items()):
+            inc_by_growth(self.expert_tokens, self._group_seen, f"shard:{shard}", rows, {"shard": str(shard)})
         waits, stats.wait_s = stats.wait_s, []
         for seconds in waits:
             self.group.wait.observe(seconds, tags={"member": "replica"})

@@ -7,6 +7,7 @@ router-service replica leaves the group and the other keeps serving."""
 
 import base64
 import json
+import os
 import threading
 import time
 
@@ -142,7 +143,14 @@ def test_killed_shard_fails_fast_then_recovers(sharded):
     thread = threading.Thread(target=consume)
     thread.start()
     assert started.wait(60)
+    pid = ray.get(shard.info.remote())["pid"]  # same machine
     ray.kill(shard, no_restart=False)
+    while True:  # the time of death (ray.kill reaches the process late on a loaded machine)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.01)
     killed = time.perf_counter()
     generation = ray.get(pool().group.remote())["generation"]
     thread.join(60)
