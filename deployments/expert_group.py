@@ -86,7 +86,6 @@ class GroupSpec:
     micro_batches: int = 1
     timeout_s: float = 30.0
     backend: str = "gloo"
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def world_size(self) -> int:

@@ -188,11 +188,6 @@ class ExpertPool:
             return spec
         return self._reform(after_generation)
 
-    def leave(self, replica_id: str) -> None:
-        """A replica going away (scale-down): the group re-forms without it."""
-        if self.members.pop(replica_id, None) is not None and self.spec is not None:
-            self._reform(self.spec.generation)
-
     def group(self) -> dict:
         spec = self.spec
         return {"generation": spec.generation if spec else None, "replicas": list(spec.replicas) if spec else [],

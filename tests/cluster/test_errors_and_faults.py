@@ -76,6 +76,9 @@ def test_two_routers_two_shards_equal_colocated(sharded, checkpoint):
     stats = ray.get(pool().shard_stats.remote())
     assert all(s["union_calls"] > 0 and s["max_replicas"] == 2 for s in stats), stats  # both replicas' rows at once
     assert len(ray.get(pool().group.remote())["replicas"]) == 2
+    # exported through ray.util.metrics: the shards' union batches, every member's group generation
+    assert sharded.metric("ray_herd_expert_union_calls_total") > 0
+    assert sharded.metric("ray_herd_expert_group_generation", 'member="replica"') >= 2  # two replicas, each >= 1
 
 
 @pytest.mark.parametrize("request_kwargs, fragment", [
