@@ -214,6 +214,8 @@ def run(args, path: Path, dtype: torch.dtype) -> None:
               file=sys.stderr, flush=True)
         layer_rows.append((batch, time_layers(backends, model, moe_layers, batch, args, dtype)))
 
+    report(args, text, dtype, len(moe_layers), floor, layer_rows, [])
+    sys.stdout.flush()
     decode_rows = []
     if not args.skip_decode:
         kv = int((args.kv_cache_gib or (0.5 if args.device == "cpu" else 4.0)) * 2**30)
@@ -245,14 +247,17 @@ def run(args, path: Path, dtype: torch.dtype) -> None:
         from deployments.expert_shard import kill_pool
 
         kill_pool()
-    report(args, text, dtype, len(moe_layers), floor, layer_rows, decode_rows)
+    report(args, text, dtype, len(moe_layers), floor, [], decode_rows)
 
 
 def report(args, text, dtype, num_moe, floor, layer_rows, decode_rows) -> None:
+    """(a) as soon as it is measured (decode_rows empty), (b) at the end (layer_rows empty)."""
+    if not layer_rows:
+        return report_decode(args, decode_rows)
     print(f"\n{args.model or args.preset} ({text.num_hidden_layers} layers, {num_moe} MoE, hidden "
           f"{text.hidden_size}, {text.num_local_experts} experts, top-{text.num_experts_per_tok}), {args.device}, "
           f"{dtype}; {args.num_shards} shards x {args.cpus_per_shard:g} CPU; torch threads here "
-          f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} at the end")
+          f"{torch.get_num_threads()}; load average (1 min) {os.getloadavg()[0]:.1f} now")
     print(f"  Ray actor round trip (no-op call to a shard), median: {1e3 * floor:.3f} ms")
     print(f"\n(a) routed experts of all {num_moe} MoE layers of a step, ms per MoE layer (median / p90 over "
           f"{args.iters} steps after {args.warmup} warm-up); overhead = sharded - colocated")
@@ -271,9 +276,13 @@ def report(args, text, dtype, num_moe, floor, layer_rows, decode_rows) -> None:
         overhead = 1e3 * (statistics.median(t["collective"]) - statistics.median(t["colocated"]))
         print(f"  target: overhead per MoE layer at batch {one[0]} <= 0.25 ms: {overhead:.3f} ms "
               f"({'meets' if overhead <= 0.25 else 'misses'} it)")
+    report_decode(args, decode_rows)
+
+
+def report_decode(args, decode_rows) -> None:
     if decode_rows:
         print(f"\n(b) engine decode, tokens/s ({args.prompt_len}-token prompts, {args.new_tokens} new tokens each, "
-              f"greedy; median of {args.repeats})")
+              f"greedy; median of {args.repeats}); load average (1 min) {os.getloadavg()[0]:.1f} now")
         modes = list(decode_rows[0][1])
         print(f"  {'batch':>6s} " + " ".join(f"{m:>26s}" for m in modes) + "   sharded/colocated (1 mb | 2 mb)")
         for batch, r, runs in decode_rows:
