@@ -10,7 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps run lint test test-fast proto clean
+.PHONY: install system-deps run lint test test-fast proto clean gpu-check gpu-wheels
 
 # redis-server: the shared prefix cache (`herd up` starts one; the tests start their own).
 system-deps:
@@ -56,6 +56,28 @@ test-fast: system-deps $(STAMP)
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Ideployments/pb=proto/herd/v1 --python_out=. --pyi_out=. \
 		--grpc_python_out=. proto/herd/v1/herd.proto
+
+# The GPU figures (bench/gpu_check.py): parity on cuda, then decode / prefill / transformers on a
+# Scout-shaped model made on the device. Runs on a bare GPU machine with torch and transformers
+# but no package index and no .venv: what the engine imports beyond them (pydantic) comes from
+# $(GPU_WHEELS), made here beforehand by `make gpu-wheels` and carried along.
+GPU_PYTHON ?= python3
+GPU_WHEELS := .gpu-wheels
+GPU_SITE := /tmp/herd-gpu-site
+GPU_CHECK_ARGS ?=
+GPU_WHEEL_PLATFORMS := --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64
+
+gpu-wheels: $(STAMP)
+	$(PIP) download --no-deps $(GPU_WHEEL_PLATFORMS) -d $(GPU_WHEELS) pydantic==2.14.4 pydantic-core==2.50.5 \
+		annotated-types==0.8.0 typing-inspection==0.4.5
+	@excl=$$(git rev-parse --git-path info/exclude); grep -qx "/$(GPU_WHEELS)/" $$excl 2>/dev/null \
+		|| echo "/$(GPU_WHEELS)/" >>$$excl
+
+gpu-check:
+	@$(GPU_PYTHON) -c "import pydantic" 2>/dev/null || PYTHONPATH= $(GPU_PYTHON) -m pip install -q --no-index \
+		--no-deps --no-compile --target $(GPU_SITE) $(GPU_WHEELS)/*.whl
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 timeout 420 $(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .import_linter_cache

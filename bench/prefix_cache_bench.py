@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -56,7 +57,8 @@ def make_engine(path: Path, args, redis_url: str) -> tuple[Engine, object]:
                        max_model_len=args.doc_tokens + 256)
     engine = Engine(load(path, device=args.device, dtype=dtype), Tokenizer.from_dir(path), cfg)
     tier = connect_shared_cache(RedisConfig(url=redis_url, chunk_tokens=args.chunk_tokens, fetch_policy="always",
-                                    max_inflight_mb=4096), engine, str(path))
+                                            max_inflight_mb=4096, secret_file=str(path.parent / "cache-secret")),
+                                engine, str(path))
     return engine, tier
 
 
@@ -76,16 +78,18 @@ def ttft(engine: Engine, tier, ids: list[int], device: str) -> tuple[float, int]
     return time.perf_counter() - start, remote
 
 
-def load_throughput(tier, keys: list[str], port: int, total_mb: int, repeats: int) -> dict[str, float]:
+def load_throughput(tier, stored: list[bytes], port: int, total_mb: int, repeats: int) -> dict[str, float]:
     """GB/s of loading `total_mb` of stored chunks: the router service's path (`SharedCache.fetch`: pipelined
     reads, every value checked and viewed as tensors) next to bare MGETs by redis-py's clients.
-    The chunks are re-encoded copies of the document's largest one under fresh digests."""
+    The chunks are re-encoded copies of the document's largest one under fresh digests (`stored`: the
+    document's chunk digests)."""
     import redis
     import redis.asyncio as aredis
 
     sync_client = redis.Redis(port=port)
+    keys = [tier.ns.key(d) for d in stored]
     index = max(range(len(keys)), key=lambda i: len(sync_client.get(keys[i])))
-    sample = decode(tier.ns, sync_client.get(keys[index]), bytes.fromhex(keys[index].rsplit(":", 1)[1]), index)
+    sample = decode(tier.ns, sync_client.get(keys[index]), stored[index], index)
     size = len(encode(tier.ns, sample))
     digests = [i.to_bytes(16, "little") for i in range((total_mb << 20) // size)]
     sync_client.mset({tier.ns.key(d): bytes(encode(tier.ns, KVChunk(i, d, sample.kv))) for i, d in enumerate(digests)})
@@ -136,6 +140,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / args.preset
+            (Path(tmp) / "cache-secret").write_text(secrets.token_hex(32))
             synthesize(path, args.preset, num_layers=args.num_layers, progress=True)
             run(path, args, url)
     finally:
@@ -160,9 +165,8 @@ def run(path: Path, args, url: str) -> None:
         b, tier_b = make_engine(path, args, url)
         seconds, remote_tokens = ttft(b, tier_b, question(50 + r), args.device)
         results["redis hit (other replica)"].append(seconds)
-    digests, _ = b.prefix_chunks(question(0))
-    keys = [tier_b.ns.key(d) for d in digests]
-    gbps = load_throughput(tier_b, keys, args.port, args.load_mb, repeats=5)
+    stored, _ = b.prefix_chunks(question(0))
+    gbps = load_throughput(tier_b, stored, args.port, args.load_mb, repeats=5)
 
     cold = statistics.median(results["cold"])
     print(f"\n{args.preset} ({args.num_layers or 'all'} layers), {args.device}, document {args.doc_tokens} tokens, "
@@ -172,7 +176,7 @@ def run(path: Path, args, url: str) -> None:
         med = statistics.median(values)
         print(f"{name:<28}{med:>10.4f}{med / cold:>9.3f}")
     print(f"\nRedis load throughput over {gbps.pop('bytes') / 2**20:.0f} MiB of stored chunk values of "
-          f"{gbps.pop('value') / 2**20:.2f} MiB, {len(keys)} chunks per lookup (best of 5):")
+          f"{gbps.pop('value') / 2**20:.2f} MiB, {len(stored)} chunks per lookup (best of 5):")
     for name, value in gbps.items():
         print(f"{name:<28}{value:>8.2f} GB/s")
 

@@ -71,7 +71,7 @@ def _short_error(e: BaseException) -> str:
 class GrpcTarget:
     name = "grpc"
 
-    def __init__(self, address: str, timeout_s: float):
+    def __init__(self, address: str, timeout_s: float, api_key: str | None = None):
         import grpc
 
         from deployments.pb import herd_pb2 as pb
@@ -82,9 +82,10 @@ class GrpcTarget:
         self.where = address
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = herd_pb2_grpc.HerdStub(self.channel)
+        self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
 
     async def check(self) -> str:
-        models = await self.stub.ListModels(self.pb.ListModelsRequest(), timeout=30)
+        models = await self.stub.ListModels(self.pb.ListModelsRequest(), timeout=30, metadata=self.metadata)
         return models.models[0].id if models.models else ""
 
     async def request(self, prompt: list[int], max_tokens: int) -> RequestResult:
@@ -94,7 +95,7 @@ class GrpcTarget:
         res, start = RequestResult(), time.perf_counter()
         last, finish = start, ""
         try:
-            async for chunk in self.stub.Generate(req, timeout=self.timeout_s):
+            async for chunk in self.stub.Generate(req, timeout=self.timeout_s, metadata=self.metadata):
                 now = time.perf_counter()
                 if chunk.token_ids:
                     if res.ttft is None:
@@ -123,13 +124,14 @@ class GrpcTarget:
 class HttpTarget:
     name = "http"
 
-    def __init__(self, base_url: str, timeout_s: float, concurrency: int):
+    def __init__(self, base_url: str, timeout_s: float, concurrency: int, api_key: str | None = None):
         import httpx
 
         self.httpx = httpx
         self.base_url = self.where = base_url.rstrip("/")
         limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-        self.client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s, limits=limits)
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+        self.client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s, limits=limits, headers=headers)
         self.model = ""
 
     async def check(self) -> str:
@@ -279,10 +281,12 @@ async def measure(target, args, mode_label: str) -> dict:
 
 
 async def run_targets(args, grpc_address: str, http_url: str, mode_label: str) -> dict[str, dict]:
-    out = {}
+    from cluster.keys import client_api_key
+
+    out, key = {}, client_api_key(args.api_key)
     for name in args.target:
-        target = (GrpcTarget(grpc_address, args.timeout) if name == "grpc"
-                  else HttpTarget(http_url, args.timeout, args.concurrency))
+        target = (GrpcTarget(grpc_address, args.timeout, key) if name == "grpc"
+                  else HttpTarget(http_url, args.timeout, args.concurrency, key))
         try:
             out[f"{mode_label} {name}"] = await measure(target, args, mode_label)
         finally:
@@ -316,7 +320,8 @@ def deploy(model_dir: Path, mode: str, args) -> None:
     cfg = HerdConfig.model_validate({
         "model": str(model_dir), "device": args.device, "experts": experts, "engine": engine,
         "router_service": {"num_replicas": args.router_replicas, "num_gpus": router_gpus / args.router_replicas},
-        "vision": {"num_gpus": vision_gpus}})
+        "vision": {"num_gpus": vision_gpus},
+        "auth": {"enabled": False, "shared_anonymous_cache": True}})  # its own app, its own clients
     t0 = time.perf_counter()
     serve.run(build_app(cfg), name="herd", route_prefix="/")
     print(f"[{mode}] application running after {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -412,6 +417,7 @@ def main() -> None:
                        help="host of a running cluster, e.g. one started by `herd up` (default 127.0.0.1)")
     where.add_argument("--grpc-port", type=int, default=9000, help="its gRPC port (default 9000, as `herd up`)")
     where.add_argument("--http-port", type=int, default=8000, help="its HTTP port (default 8000, as `herd up`)")
+    where.add_argument("--api-key", help="its API key (default: $HERD_API_KEY, else the admin key of `herd up` here)")
     start = ap.add_argument_group("with --start")
     src = start.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint directory to serve")

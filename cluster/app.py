@@ -13,8 +13,12 @@ def _options(opts: DeploymentOptions) -> dict:
     actor = {"num_cpus": opts.num_cpus}
     if opts.num_gpus:
         actor["num_gpus"] = opts.num_gpus
+    from ray.serve.config import BackpressureConfig
+
+    # A full Serve queue refuses at once: HTTP 429 (Serve's default is 503) / gRPC RESOURCE_EXHAUSTED.
     return {"num_replicas": opts.num_replicas, "max_ongoing_requests": opts.max_ongoing_requests,
-            "ray_actor_options": actor}
+            "max_queued_requests": opts.max_queued_requests,
+            "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=1), "ray_actor_options": actor}
 
 
 def _request_router(routing: RoutingConfig) -> dict:

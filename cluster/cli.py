@@ -13,6 +13,7 @@ from pathlib import Path
 from cluster.errors import EXIT_BUG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_STATUS_HELP, CliError, UsageError
 
 DTYPES = ("bfloat16", "float16", "float32")
+API_KEY_HELP = "API key (default: $HERD_API_KEY, else the admin key that `herd up` made on this machine)"
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
@@ -60,6 +61,9 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from deployments.engine.attention.registry import ATTENTION_BACKENDS
+    from model.expert_kernel import KERNEL_CHOICES
+
     p = sub.add_parser(
         "generate",
         help="generate text from a prompt",
@@ -69,6 +73,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offline", action="store_true", help="run the engine in-process instead of calling the cluster")
     p.add_argument("--model", help="checkpoint directory (with --offline; else the served model's name)")
     p.add_argument("--address", default="127.0.0.1:9000", help="the cluster's gRPC endpoint (default 127.0.0.1:9000)")
+    p.add_argument("--api-key", help=API_KEY_HELP)
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (a BOS token is prepended)")
     prompt.add_argument("--prompt-file", metavar="FILE",
@@ -84,6 +89,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--attention-backend", choices=[*sorted(ATTENTION_BACKENDS), "auto"],
+                   help="with --offline: attention over the paged KV cache (engine.attention_backend; auto: "
+                        "flex on CUDA, reference elsewhere; default: the engine's)")
+    p.add_argument("--expert-kernel", choices=list(KERNEL_CHOICES),
+                   help="with --offline: the routed experts' kernel (engine.expert_kernel; default auto: grouped "
+                        "on CUDA, reference elsewhere)")
     p.add_argument("--json", action="store_true",
                    help='print {"token_ids": [...], "text": "...", "finish_reason": "..."} (generated ids only)')
     p.set_defaults(func=_generate)
@@ -129,6 +140,7 @@ def _generate_remote(args: argparse.Namespace):
     from types import SimpleNamespace
 
     from cluster.client import HerdClient, sampling, user_turn
+    from cluster.keys import client_api_key
     from cluster.offline import parse_ids
     from deployments.pb import herd_pb2 as pb
 
@@ -142,7 +154,7 @@ def _generate_remote(args: argparse.Namespace):
         req.text = args.prompt
     token_ids, text, reason = [], [], ""
     try:
-        for chunk in HerdClient(args.address).generate(req):
+        for chunk in HerdClient(args.address, api_key=client_api_key(args.api_key)).generate(req):
             token_ids += chunk.token_ids
             text.append(chunk.text)
             reason = chunk.finish_reason or reason
@@ -224,6 +236,10 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--replace", action="store_true",
                     help="redeploy over a herd application that is already serving (rolled back if it fails)")
     up.add_argument("--demo", action="store_true", help="send one demo request once it is up")
+    up.add_argument("--no-auth", action="store_true",
+                    help="serve without API keys (local play only: anyone who reaches the ports is served and names "
+                         "its own tenant). By default clients need a key; the first `herd up` makes an admin key and "
+                         "prints it once")
     defaults = Ports()
     for name, what in (("ray", "the Ray head (GCS)"), ("http", "the OpenAI HTTP API"), ("grpc", "the gRPC API"),
                        ("dashboard", "the Ray dashboard"), ("metrics", "the Prometheus metrics endpoint"),
@@ -250,6 +266,7 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
                           "is one user turn, echoed as `you> LINE`, until end of input: "
                           "`printf 'Hi\\nAnd then?\\n' | herd chat`. Answers are printed on `herd> ` lines.")
     chat.add_argument("--address", default="127.0.0.1:9000", help="gRPC endpoint")
+    chat.add_argument("--api-key", help=API_KEY_HELP)
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--image", action="append", default=[], metavar="FILE", help="attach to the first turn")
@@ -268,6 +285,8 @@ def _up(args: argparse.Namespace) -> int:
             cfg = HerdConfig.from_file(args.config)
         else:
             cfg = HerdConfig(model=str(args.model or ensure_checkpoint(args.preset)))
+        if args.no_auth:
+            cfg = cfg.model_copy(update={"auth": cfg.auth.model_copy(update={"enabled": False})})
     except ValidationError as e:
         where = f" {args.config}" if args.config else ""
         raise ClusterError(f"invalid config{where}: {describe_validation_error(e)} (the fields and their meaning: "
@@ -288,10 +307,11 @@ def _up(args: argparse.Namespace) -> int:
 
 def _demo(address: str) -> None:
     from cluster.client import HerdClient, sampling
+    from cluster.keys import client_api_key
     from deployments.pb import herd_pb2 as pb
 
     req = pb.GenerateRequest(text="Herd serves Llama 4 on Ray.", sampling=sampling(24, 0.0, 1.0, 0, None))
-    text = "".join(c.text for c in HerdClient(address).generate(req))
+    text = "".join(c.text for c in HerdClient(address, api_key=client_api_key()).generate(req))
     print(f"demo request -> {text!r}")
 
 
@@ -330,6 +350,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"{name:12s} {url}")
         if name == "dashboard":
             print(f"  authentication: {info['dashboard_auth']}")
+    print(f"api auth     {info['api_auth']}")
     redis = info["redis"]
     extra = f", {redis['used_memory']} of {redis['maxmemory']} used, {redis['keys']} keys" if "keys" in redis else ""
     print(f"redis        {redis['url'] or 'none'}: {redis['health']}{extra}")
@@ -341,9 +362,10 @@ def _status(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from cluster.client import HerdClient, sampling, user_turn
+    from cluster.keys import client_api_key
     from deployments.pb import herd_pb2 as pb
 
-    client, history, images = HerdClient(args.address), [], list(args.image)
+    client, history, images = HerdClient(args.address, api_key=client_api_key(args.api_key)), [], list(args.image)
     models = client.list_models()  # nothing answers: exit now, not after the first turn is typed
     interactive = sys.stdin.isatty()
     if interactive:
@@ -422,6 +444,78 @@ class PrefixedLines:
         sys.stdout.flush()
 
 
+def _add_keys(sub: argparse._SubParsersAction) -> None:
+    keys = sub.add_parser(
+        "keys", help="API keys: add one for a tenant, list them, revoke one",
+        description="Manage the API keys of a key store (by default the one of the cluster `herd up` runs here, "
+        "$HERD_HOME/keys.json). The store holds SHA-256 hashes, never keys: a key is shown once, when it is made. "
+        "A running cluster reads the store again when it changes: added and revoked keys take effect at once. "
+        "For Kubernetes, write a file with --keys-file and put it in the Secret the chart reads (k8s/README.md).")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    add = ksub.add_parser("add", help="make a key for a tenant and print it (once)",
+                          description="Make a random key for TENANT, store its hash and print the key on stdout "
+                          "(`key=$(herd keys add --tenant acme)`); its id goes to stderr.")
+    add.add_argument("--tenant", required=True, help="the tenant whose requests (and prefix cache) the key opens")
+    add.add_argument("--admin", action="store_true", help="an admin key: may also act for any tenant it names")
+    add.set_defaults(func=_keys_add)
+    lst = ksub.add_parser("list", help="the keys' ids, tenants and dates (no secrets)")
+    lst.add_argument("--json", action="store_true", help="print a JSON list")
+    lst.set_defaults(func=_keys_list)
+    rev = ksub.add_parser("revoke", help="revoke a key by its id (servers refuse it from then on)")
+    rev.add_argument("key_id", metavar="KEY_ID", help="the id `herd keys list` shows (the key's herd_<id>_ part)")
+    rev.set_defaults(func=_keys_revoke)
+    for p in (add, lst, rev):
+        p.add_argument("--keys-file", metavar="FILE",
+                       help="the key store (default: the running herd up cluster's, else $HERD_HOME/keys.json)")
+
+
+def _keys_file(args: argparse.Namespace) -> Path:
+    from cluster.keys import default_keys_file
+    from cluster.launcher import State
+
+    if args.keys_file:
+        return Path(args.keys_file)
+    state = State.read()
+    running = ((state.config or {}).get("auth") or {}).get("keys_file") if state else None
+    return Path(running) if running else default_keys_file()
+
+
+def _keys_add(args: argparse.Namespace) -> int:
+    from deployments.auth import add_key
+
+    path = _keys_file(args)
+    key, record = add_key(path, args.tenant, admin=args.admin)
+    print(f"key {record.id} for tenant {record.tenant}{' (admin)' if record.admin else ''} added to {path}; "
+          "it is shown only now:", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    import json
+
+    from cluster.keys import list_keys
+
+    path = _keys_file(args)
+    keys = list_keys(path)
+    if args.json:
+        print(json.dumps(keys, indent=2))
+        return 0
+    if not keys:
+        print(f"no keys in {path}", file=sys.stderr)
+    for k in keys:
+        print(f"{k['id']}  {k['tenant']:20s} {'admin' if k['admin'] else 'tenant':6s} {k['created']}")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from cluster.keys import revoke
+
+    for line in revoke(_keys_file(args), args.key_id):
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="herd",
@@ -436,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_plan(sub)
     _add_cluster_commands(sub)
+    _add_keys(sub)
     _add_bench(sub)
     return parser
 

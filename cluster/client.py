@@ -35,27 +35,30 @@ def translate(error: grpc.RpcError, address: str, timeout_s: float | None = None
         within = f" within {timeout_s:g} s" if timeout_s else ""
         return RequestFailed(f"no answer from {address}{within}: the cluster is busy or stuck "
                              "(`herd status` shows its state)", code.name)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return RequestFailed(f"{details.strip()} ({address}: pass --api-key or set HERD_API_KEY)", code.name)
     name = code.name if code is not None else "UNKNOWN"
     return RequestFailed(details.strip() or f"the request failed with gRPC status {name}", name)
 
 
 class HerdClient:
-    def __init__(self, address: str = "127.0.0.1:9000", timeout_s: float = 300.0):
+    def __init__(self, address: str = "127.0.0.1:9000", timeout_s: float = 300.0, api_key: str | None = None):
         self.address = address
         self.channel = grpc.insecure_channel(address)
         self.stub = herd_pb2_grpc.HerdStub(self.channel)
         self.timeout_s = timeout_s
+        self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
 
     def generate(self, request: pb.GenerateRequest) -> Iterator[pb.GenerateResponse]:
         try:
-            yield from self.stub.Generate(request, timeout=self.timeout_s)
+            yield from self.stub.Generate(request, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.RpcError as e:
             raise translate(e, self.address, self.timeout_s) from e
 
     def list_models(self, timeout_s: float = 30.0) -> list[pb.ModelInfo]:
         """The served models: a cheap call that fails fast when nothing answers."""
         try:
-            return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s).models)
+            return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s, metadata=self.metadata).models)
         except grpc.RpcError as e:
             raise translate(e, self.address, timeout_s) from e
 

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cluster.errors import CliError
+from cluster.home import herd_home
 from deployments.redis_address import RedisAddress, redact
 
 if TYPE_CHECKING:  # deployments.config imports torch: `herd --help` imports this module
@@ -53,16 +55,44 @@ APP = "herd"
 NAMESPACE = "herd"
 # MoE dispatches (hidden states of a batch: up to a few MiB) go inline in the task RPC instead of
 # through the object store (Ray's default limit is 100 KiB); the Helm chart sets the same.
-RAY_ENV = {"RAY_max_direct_call_object_size": str(4 << 20)}
-
-
-def herd_home() -> Path:
-    """Where herd keeps its state, synthetic checkpoints and redis-server's pid and log."""
-    return Path(os.environ.get("HERD_HOME") or Path.home() / ".cache" / "herd")
+# Serve's gRPC proxy reads messages up to 2 GiB by default: 64 MiB here (the Ingress then refuses
+# those above limits.max_body_bytes, 32 MiB by default, with INVALID_ARGUMENT); the chart sets the same.
+RAY_ENV = {"RAY_max_direct_call_object_size": str(4 << 20), "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(64 << 20)}
 
 
 def state_file() -> Path:
     return herd_home() / "up.json"
+
+
+def cache_secret_file() -> Path:
+    """`$HERD_HOME/cache-secret`: the secret that keys and authenticates the shared prefix cache's
+    Redis keys and values, made on first use (64 hex characters, mode 0600) and kept across runs
+    (a new secret means a cold cache). Only its path goes into the config the replicas get."""
+    path = herd_home() / "cache-secret"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".cache-secret.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    try:
+        os.link(tmp, path)  # atomic, and never replaces a secret another herd up made meanwhile
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path
+
+
+def with_cache_secret(cfg: RedisConfig) -> RedisConfig:
+    """`cfg` with `secret_file` set to `cache_secret_file()` unless it names another secret (a
+    config that names herd's own file, as a redeployed one does, gets a new file if it was deleted:
+    how the secret is rotated)."""
+    default = (herd_home() / "cache-secret").resolve()  # absolute: the replicas run in other directories
+    if cfg.secret_env or (cfg.secret_file and Path(cfg.secret_file).resolve() != default):
+        return cfg
+    return cfg.model_copy(update={"secret_file": str(cache_secret_file().resolve())})
 
 
 @dataclass(frozen=True)
@@ -555,6 +585,7 @@ def up(cfg: HerdConfig, ports: dict[str, int] | None = None, replace_app: bool =
 
     cfg = cfg.model_copy(update={"model": str(Path(cfg.model).resolve())})  # replicas run elsewhere
     check_model(cfg)
+    cfg, new_admin_key = with_auth(cfg)
     ports = {k: v for k, v in (ports or {}).items() if v is not None}
     state = State.read()
     if state is not None and not _port_answers(state.ports.ray):
@@ -587,6 +618,8 @@ def up(cfg: HerdConfig, ports: dict[str, int] | None = None, replace_app: bool =
             cfg = cfg.model_copy(update={"redis": redis_cfg})
             if started_redis is not None:
                 new.redis_pid = started_redis
+        if cfg.redis is not None:
+            cfg = cfg.model_copy(update={"redis": with_cache_secret(cfg.redis)})
         new.redis_url = redact(cfg.redis.url) if cfg.redis else None
         if not head_running:
             new.ray_auth = head_auth_mode()
@@ -605,11 +638,44 @@ def up(cfg: HerdConfig, ports: dict[str, int] | None = None, replace_app: bool =
             stop_session(started_ray)
         if started_redis is not None:
             stop_redis(started_redis, new.ports.redis)
+        if new_admin_key is not None:
+            from cluster.keys import forget_admin_key
+
+            forget_admin_key(Path(cfg.auth.keys_file or ""), new_admin_key[1])
         raise
     new.config = cfg.model_dump()
     new.write()
     disconnect()
+    if new_admin_key is not None:
+        from cluster.keys import admin_key_file
+
+        say(f"admin API key (shown once; kept in {admin_key_file()}, mode 0600, where herd chat and herd generate "
+            f"find it): {new_admin_key[0]}")
     return new
+
+
+def with_auth(cfg: HerdConfig) -> tuple[HerdConfig, tuple[str, str] | None]:
+    """`cfg` with its key store: with auth on and no keys configured, herd up's own
+    ($HERD_HOME/keys.json) and an admin key made on first start ((key, id) returned, else None).
+    A key store the config names must be readable (ClusterError otherwise)."""
+    from cluster.keys import default_keys_file, ensure_admin_key
+    from deployments.auth import KeyStore, KeyStoreError
+
+    auth = cfg.auth
+    if not auth.enabled:
+        return cfg, None
+    if auth.keys_file or auth.keys_env:
+        try:
+            KeyStore(auth.keys_file, auth.keys_env)
+        except KeyStoreError as e:
+            raise ClusterError(str(e)) from None
+        return cfg, None
+    keys_file = default_keys_file()
+    try:
+        new_key = ensure_admin_key(keys_file)
+    except (OSError, KeyStoreError) as e:
+        raise ClusterError(f"cannot set up the API key store {keys_file}: {e}") from None
+    return cfg.model_copy(update={"auth": auth.model_copy(update={"keys_file": str(keys_file)})}), new_key
 
 
 def _deploy_checked(cfg: HerdConfig, new: State, replace_app: bool, say: Callable[[str], None]) -> None:
@@ -710,6 +776,7 @@ def status() -> dict | None:
                 "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
             },
             "dashboard_auth": dashboard_auth(state.ports.dashboard),
+            "api_auth": api_auth(cfg.get("auth") or {}),
             "redis": _redis_health(state.redis_url, (cfg.get("redis") or {}).get("password_env")),
             "ray_head": {"address": f"127.0.0.1:{state.ports.ray}", "started_by_herd": state.ray_started},
         }
@@ -764,6 +831,20 @@ def dashboard_auth(port: int) -> str:
         where = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
     return (f"Ray token authentication is on: the token is in {where} (`ray get-auth-token` prints it); paste it "
             "when the dashboard asks, or send `Authorization: Bearer <token>`")
+
+
+def api_auth(auth: dict) -> str:
+    """How clients authenticate to the APIs: where the admin key and the key store are (never a key)."""
+    from cluster.keys import admin_key_file, default_keys_file
+
+    if not auth.get("enabled", True):
+        return "off (herd up --no-auth): no API keys, tenants are self-asserted; do not expose the ports"
+    where = [f"key store {auth['keys_file']}"] if auth.get("keys_file") else []
+    where += [f"keys from ${auth['keys_env']}"] if auth.get("keys_env") else []
+    admin = (f"; the admin key is in {admin_key_file()} (herd chat / generate use it; elsewhere --api-key or "
+             "HERD_API_KEY)") if auth.get("keys_file") == str(default_keys_file()) else ""
+    return (f"API keys required (Authorization: Bearer <key>; gRPC metadata authorization): {', '.join(where)}"
+            f"{admin}; `herd keys add --tenant NAME` makes a key")
 
 
 def _redis_health(url: str | None, password_env: str | None) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Completion, Engine
 from deployments.engine.inputs import image_digest, prepare_prompt
 from deployments.engine.params import SamplingParams
@@ -22,7 +23,9 @@ def parse_ids(text: str) -> list[int]:
 
 def run_offline(args: argparse.Namespace) -> Completion:
     dtype = default_dtype(args.device)
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype)
+    chosen = {"attention_backend": args.attention_backend, "expert_kernel": args.expert_kernel}
+    config = EngineConfig(**{k: v for k, v in chosen.items() if v is not None})
+    engine = Engine.from_pretrained(args.model, config, device=args.device, dtype=dtype)
     tok = engine.tokenizer
     data = [Path(f).read_bytes() for f in args.image]
     ImageLimits().check_count(len(data))

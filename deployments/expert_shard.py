@@ -38,6 +38,7 @@ from deployments.expert_group import (
 from model.checkpoint import load_expert_shard
 from model.config import Llama4Config
 from model.device import resolve_device
+from model.expert_kernel import resolve_expert_kernel
 
 log = logging.getLogger(__name__)
 NAMESPACE = "herd"
@@ -79,12 +80,13 @@ def split_experts(num_experts: int, num_shards: int) -> list[range]:
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ExpertShard:
     def __init__(self, model_path: str, start: int, stop: int, device: str, dtype: torch.dtype,
-                 kernel: str = "reference"):
-        """`dtype`: the engine's (router service's) model dtype, which the hidden states travel in."""
+                 kernel: str = "auto"):
+        """`dtype`: the engine's (router service's) model dtype, which the hidden states travel in;
+        `kernel`: the experts' kernel (`engine.expert_kernel`; `auto` resolved on this shard's device)."""
         self.device = resolve_device(device)
         self.dtype = dtype
         self.experts = load_expert_shard(model_path, range(start, stop), device=self.device, dtype=dtype,
-                                         expert_kernel=kernel)
+                                         expert_kernel=resolve_expert_kernel(kernel, self.device))
         self.range = (start, stop)
         self.group_stats = ShardStats()
         self._pending: tuple[GroupSpec, int] | None = None  # the next generation to join
@@ -145,7 +147,7 @@ class ExpertShard:
 class ExpertPool:
     """Creates the shards once and tells router-service replicas where they are."""
 
-    def __init__(self, model_path: str, cfg: dict, device: str, dtype: torch.dtype):
+    def __init__(self, model_path: str, cfg: dict, device: str, dtype: torch.dtype, kernel: str = "auto"):
         experts = self.experts = ExpertsConfig.model_validate(cfg)
         text = Llama4Config.from_dir(model_path).text
         num_experts = text.num_local_experts
@@ -164,7 +166,7 @@ class ExpertPool:
                 num_cpus=experts.num_cpus_per_shard, num_gpus=experts.num_gpus_per_shard,
                 resources=experts.resources_per_shard,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(model_path, r.start, r.stop, device, dtype, experts.kernel)
+            ).remote(model_path, r.start, r.stop, device, dtype, kernel)
             for i, r in enumerate(ranges)
         ]
         self.ranges = [(r.start, r.stop) for r in ranges]
@@ -233,10 +235,11 @@ class ExpertPool:
 
 
 def get_or_create_pool(model_path: str, cfg: ExpertsConfig, device: str,
-                       dtype: torch.dtype) -> ray.actor.ActorHandle:
-    """`dtype`: the engine's model dtype; the shards hold their experts in it."""
+                       dtype: torch.dtype, kernel: str = "auto") -> ray.actor.ActorHandle:
+    """`dtype`: the engine's model dtype; the shards hold their experts in it. `kernel`: their
+    kernel (`engine.expert_kernel`)."""
     return ExpertPool.options(name=POOL_NAME, namespace=NAMESPACE, lifetime="detached",
-                              get_if_exists=True).remote(model_path, cfg.model_dump(), device, dtype)
+                              get_if_exists=True).remote(model_path, cfg.model_dump(), device, dtype, kernel)
 
 
 def wait_until_alive(shards: list, timeout_s: float) -> None:

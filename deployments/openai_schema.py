@@ -239,7 +239,7 @@ class _SamplingRequest(BaseModel):
     stop: list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: Text | None = None  # the tenant, unless the x-herd-tenant header names one
+    user: Text | None = None  # auth off: the tenant unless x-herd-tenant names one; with API keys ignored
     n: Annotated[int | None, _only(None, 1, message="n > 1 is not supported; n must be 1")] = None
     presence_penalty: Annotated[float | None, _only(None, 0, message=f"a non-zero presence_penalty {_OFF}")] = None
     frequency_penalty: Annotated[float | None, _only(None, 0, message=f"a non-zero frequency_penalty {_OFF}")] = None

@@ -52,14 +52,13 @@ class RouterService:
         device = resolve_device(cfg.device)
         dtype = default_dtype(device)
         sharded = experts_are_sharded(cfg.experts, ray.cluster_resources().get("GPU", 0))
-        model = load(cfg.model, device=device, dtype=dtype, experts=range(0, 0) if sharded else None,
-                     expert_kernel=cfg.experts.kernel)
+        model = load(cfg.model, device=device, dtype=dtype, experts=range(0, 0) if sharded else None)
         self.metrics = RouterServiceMetrics()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         backend: ShardedExperts | CollectiveExperts | None = None
         if sharded:
-            def pool():  # the shards run in our dtype
-                return get_or_create_pool(cfg.model, cfg.experts, cfg.device, dtype)
+            def pool():  # the shards run in our dtype and engine.expert_kernel
+                return get_or_create_pool(cfg.model, cfg.experts, cfg.device, dtype, cfg.engine.expert_kernel)
 
             def connect(timeout_s: float) -> list[tuple]:
                 return wait_for_shards(pool(), timeout_s)
@@ -90,6 +89,7 @@ class RouterService:
         is read by the prefix-affinity request router in the caller (deployments/routing/prefix_affinity.py)."""
         if self._stats_task is None:
             self._stats_task = asyncio.create_task(self._publish_stats())
+        self.engine.check_admission()  # overloaded: refused before the shared-cache lookup
         start = last = time.perf_counter()
         status = "error"
         try:

@@ -13,7 +13,7 @@ from model.config import Llama4Config
 from model.errors import InvalidInputError
 from model.image import ImageProcessor
 from model.processor_config import ImageProcessorConfig
-from model.rope import text_freqs_cis, text_inv_freq
+from model.rope import text_inv_freq, text_rope
 from model.text import TextModel, causal_masks, masked_attention
 from model.vision import Projector, VisionModel
 
@@ -96,10 +96,10 @@ class Llama4(nn.Module):
     def decode(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Run the decoder on embeddings `[T, hidden]` at absolute `positions`; returns logits `[T, vocab]`."""
         text = self.language_model
-        freqs_cis = text_freqs_cis(text_inv_freq(text.cfg, x.device), positions)
+        rope = text_rope(text_inv_freq(text.cfg, x.device), positions)
         masks = causal_masks(text.cfg, positions)
         for i, layer in enumerate(text.model.layers):
-            x = layer(x, positions, freqs_cis, masked_attention(masks[text.cfg.is_chunked(i)]))
+            x = layer(x, positions, rope, masked_attention(masks[text.cfg.is_chunked(i)]))
         return text.lm_head(text.model.norm(x))
 
     @torch.inference_mode()

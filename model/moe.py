@@ -48,19 +48,25 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Sum over the k choices of expert(score * x) for `x` `[T, hidden]`, `expert_ids` and
-        `scores` `[T, k]` (global expert ids; choices owned by another shard contribute zero)."""
-        out = torch.zeros_like(x)
-        local = expert_ids - self.first_expert  # [T, k]
+        `scores` `[T, k]` (global expert ids; choices owned by another shard contribute zero).
+
+        No host sync and static shapes: all `T * k` (token, choice) pairs are sorted by local
+        expert, the pairs not owned here going to a sentinel bucket `E` after the last expert
+        (zero-scored, counted by no expert, their output added to a scratch row that is dropped).
+        """
+        t, k = expert_ids.shape
+        local = expert_ids.flatten() - self.first_expert  # [T*k] pair p = token p // k, choice p % k
         owned = (local >= 0) & (local < self.num_experts)
-        token_idx, choice_idx = owned.nonzero(as_tuple=True)  # [N] each
-        if token_idx.numel() == 0:
-            return out
-        experts = local[token_idx, choice_idx]
-        order = torch.argsort(experts, stable=True)
-        token_idx, choice_idx, experts = token_idx[order], choice_idx[order], experts[order]
-        inputs = x[token_idx] * scores[token_idx, choice_idx, None].to(x.dtype)  # [N, hidden]
-        counts = torch.bincount(experts, minlength=self.num_experts)  # [E]
-        return out.index_add_(0, token_idx, self.kernel(inputs, counts, self.gate_up_proj, self.down_proj))
+        bucket = torch.where(owned, local, self.num_experts)  # [T*k], E = not owned
+        order = torch.argsort(bucket, stable=True)  # [T*k]
+        owned, token = owned[order], order // k
+        pair_scores = torch.where(owned, scores.flatten()[order], 0.0)  # [T*k]
+        inputs = x[token] * pair_scores[:, None].to(x.dtype)  # [T*k, hidden]
+        counts = torch.zeros(self.num_experts + 1, dtype=torch.long, device=x.device)
+        counts = counts.scatter_add_(0, bucket, torch.ones_like(bucket))[: self.num_experts]  # [E]
+        rows = self.kernel(inputs, counts, self.gate_up_proj, self.down_proj)  # [T*k, hidden]
+        target = torch.where(owned, token, t)  # not owned -> scratch row T
+        return x.new_zeros(t + 1, x.shape[1]).index_add_(0, target, rows)[:t]
 
 
 class MoEGate(nn.Linear):

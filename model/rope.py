@@ -1,5 +1,9 @@
-"""Rotary position embeddings of Llama 4: 1D (text, complex adjacent-pair rotation in fp32, optional
-llama3 frequency scaling) and 2D (vision tiles, class token unrotated)."""
+"""Rotary position embeddings of Llama 4: 1D (text, adjacent-pair rotation in fp32, optional llama3
+frequency scaling) and 2D (vision tiles, class token unrotated).
+
+The rotations are real arithmetic on (cos, sin) tables `[2, L, D/2]` (what transformers computes
+with complex numbers; the same products and sums, so equal in fp32), which compilers and CUDA
+graphs handle where complex tensors are not."""
 
 from __future__ import annotations
 
@@ -33,20 +37,27 @@ def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def text_freqs_cis(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Complex rotations `[T, head_dim / 2]` for absolute `positions` `[T]`."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
-    return torch.polar(torch.ones_like(freqs), freqs)
+def rotations(angles: torch.Tensor) -> torch.Tensor:
+    """The (cos, sin) table `[2, L, D/2]` of rotation `angles` `[L, D/2]` (fp32)."""
+    return torch.stack([angles.cos(), angles.sin()])
 
 
-def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of `x` `[T, H, D]` by `freqs_cis` `[T, D/2]` in fp32."""
-    x_c = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [T, H, D/2]
-    return torch.view_as_real(x_c * freqs_cis[:, None, :]).flatten(-2).type_as(x)
+def text_rope(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotations `[2, T, head_dim / 2]` (cos, sin) for absolute `positions` `[T]`."""
+    return rotations(positions.float()[:, None] * inv_freq[None, :])
 
 
-def vision_freqs_cis(cfg: VisionConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """2D rotations `[P*P + 1, head_dim / 2]` for the patches of one tile plus the class token (last,
+def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x0, x1) of `x` `[..., L, H, D]` by `rope` `[2, L, D/2]` in fp32:
+    (x0 cos - x1 sin, x0 sin + x1 cos), as the complex product (x0 + i x1)(cos + i sin)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [..., L, H, D/2, 2]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = rope[0][:, None, :], rope[1][:, None, :]  # [L, 1, D/2]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def vision_rope(cfg: VisionConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """2D rotations `[2, P*P + 1, head_dim / 2]` (cos, sin) for the patches of one tile plus the class token (last,
     unrotated). The first half of each head rotates by the patch column, the second by its row."""
     side = cfg.patches_per_side
     idx = torch.arange(side * side, device=device)
@@ -59,4 +70,4 @@ def vision_freqs_cis(cfg: VisionConfig, device: torch.device | str | None = None
     fy = (y[:, None] * rope_freq[None, :]).repeat_interleave(2, dim=-1)
     freqs = torch.cat([fx, fy], dim=-1)[..., ::2]  # [P*P, head_dim / 2]
     freqs = torch.cat([freqs, torch.zeros_like(freqs[:1])], dim=0)  # class token: no rotation
-    return torch.polar(torch.ones_like(freqs), freqs)
+    return rotations(freqs)

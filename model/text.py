@@ -43,14 +43,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if weighted else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)  # one fused op, in fp32
         return out * self.weight if self.weight is not None else out
 
 
 class Attention(nn.Module):
     """GQA attention. RoPE layers: rotate, then weightless L2 (RMS) norm on q and k when
-    `use_qk_norm`. NoPE layers: no rotation, query temperature tuning by absolute position."""
+    `use_qk_norm`. NoPE layers: no rotation, query temperature tuning by absolute position.
+
+    q, k and v come from one GEMM: their weights are stacked in `qkv_proj` `[(H + 2 KV) * D, hidden]`,
+    while the state dict keeps the checkpoint's `q_proj.weight`, `k_proj.weight` and `v_proj.weight`
+    (views of it when saved; stacked when loaded)."""
+
+    _PARTS = ("q_proj", "k_proj", "v_proj")
 
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
@@ -63,32 +68,52 @@ class Attention(nn.Module):
         self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
         self.floor_scale = cfg.floor_scale
         self.attn_scale = cfg.attn_scale
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+        self.qkv_proj = nn.Parameter(torch.empty(sum(self.qkv_sizes), cfg.hidden_size))
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def qkv(self, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor):
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor):
         """Project `x` `[T, hidden]` to q `[T, H, D]`, k and v `[T, KV, D]`, positions applied."""
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = F.linear(x, self.qkv_proj).split(self.qkv_sizes, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.use_rope:
-            q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if self.qk_norm is not None:
             q, k = self.qk_norm(q), self.qk_norm(k)
         if self.temperature_tuning:
             q = (q * self.temperature(positions)[:, None, None]).to(q.dtype)
         return q, k, v
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        fused = destination.pop(prefix + "qkv_proj")
+        for name, part in zip(self._PARTS, fused.split(self.qkv_sizes), strict=True):
+            destination[f"{prefix}{name}.weight"] = part
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        names = [f"{prefix}{name}.weight" for name in self._PARTS]
+        if all(n in state_dict for n in names):
+            parts = [state_dict.pop(n) for n in names]
+            if [p.shape[0] for p in parts] == self.qkv_sizes and len({p.shape[1:] for p in parts}) == 1:
+                state_dict[prefix + "qkv_proj"] = torch.cat(parts)
+            else:
+                error_msgs.append(f"{prefix}q/k/v_proj: shapes {[list(p.shape) for p in parts]} do not stack to "
+                                  f"{[sum(self.qkv_sizes), self.qkv_proj.shape[1]]}")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def temperature(self, positions: torch.Tensor) -> torch.Tensor:
         """Query scale `[T]`: log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1."""
         return torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,
                 attend: Attend) -> torch.Tensor:
-        q, k, v = self.qkv(x, positions, freqs_cis)
+        q, k, v = self.qkv(x, positions, rope)
         return self.o_proj(attend(q, k, v, self.scale).flatten(1))
 
 
@@ -110,11 +135,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor, attend: Attend,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, attend: Attend,
                 routed: RoutedExperts | None = None) -> torch.Tensor:
         """`x` `[T, hidden]` at absolute `positions`; `routed`: where this layer's routed experts run
         (default: its own)."""
-        h = x + self.self_attn(self.input_layernorm(x), positions, freqs_cis, attend)
+        h = x + self.self_attn(self.input_layernorm(x), positions, rope, attend)
         return h + self.mlp(self.post_attention_layernorm(h), routed)
 
     def mlp(self, x: torch.Tensor, routed: RoutedExperts | None) -> torch.Tensor:

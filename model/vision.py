@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import VisionConfig
-from model.rope import apply_rotary, vision_freqs_cis
+from model.rope import apply_rotary, vision_rope
 
 
 class VisionAttention(nn.Module):
@@ -26,11 +26,11 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
         self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         n, length, _ = x.shape
         shape = (n, length, self.num_heads, self.head_dim)
         q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
-        q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)  # freqs [L, D/2] broadcast over N
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)  # rotations [2, L, D/2] broadcast over N
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.o_proj(out.transpose(1, 2).reshape(n, length, -1))
 
@@ -53,8 +53,8 @@ class VisionLayer(nn.Module):
         self.input_layernorm = nn.LayerNorm(cfg.hidden_size)
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), freqs_cis)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), rope)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -125,9 +125,9 @@ class VisionModel(nn.Module):
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
         x = torch.cat([x, cls], dim=1) + self.positional_embedding_vlm  # class token last
         x = self.layernorm_pre(x)
-        freqs_cis = vision_freqs_cis(self.cfg, device=x.device)
+        rope = vision_rope(self.cfg, device=x.device)
         for layer in self.model.layers:
-            x = layer(x, freqs_cis)
+            x = layer(x, rope)
         x = self.layernorm_post(x)[:, :-1, :]  # drop the class token
         return self.vision_adapter(x)
 

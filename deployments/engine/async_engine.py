@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from deployments.engine.engine import Engine
+from deployments.engine.engine import Engine, EngineOverloaded
 from deployments.engine.kv_transfer import KVChunk
 from deployments.engine.liveness import Heartbeat
 from deployments.engine.output import RequestOutput
@@ -61,6 +61,7 @@ class AsyncEngine:
         should not pass them here (the Ingress gives every request its own engine id)."""
         if request_id in self._queues:  # checked and claimed with no await in between
             raise InvalidInputError(f"request_id {request_id!r} is already running")
+        self.check_admission()
         self.start()
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
@@ -95,6 +96,13 @@ class AsyncEngine:
         start, work or not: the other members of its expert group wait for it."""
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._run())
+
+    def check_admission(self) -> None:
+        """EngineOverloaded at once when engine.max_waiting requests wait already: read off the engine
+        thread (which may be busy with a step), so a fast refusal; add_request checks again there."""
+        waiting = len(self.engine.scheduler.waiting)
+        if waiting >= self.engine.config.max_waiting:
+            raise EngineOverloaded(f"{waiting} requests are already waiting; retry later")
 
     async def _run(self) -> None:
         lockstep = self.engine.lockstep

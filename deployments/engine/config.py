@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.errors import check_known
+from model.expert_kernel import KERNEL_CHOICES
 
 
 class EngineConfig(BaseModel):
@@ -18,7 +19,10 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(
         None, ge=2, description="longest prompt + output; default: the model's limit, capped by the KV cache"
     )
-    max_waiting: int = Field(4096, ge=0, description="queued requests beyond which new ones are rejected")
+    max_waiting: int = Field(4096, ge=0, description="queued requests beyond which new ones are refused at once "
+                             "(EngineOverloaded: HTTP 429 / RESOURCE_EXHAUSTED). Served (HerdConfig), the default is "
+                             "128 and it must stay below router_service.max_ongoing_requests so that the refusal "
+                             "is reachable; 4096 here leaves room for offline batches")
     kv_cache_bytes: int = Field(256 * 2**20, ge=1, description="memory for the paged KV cache (all layers)")
     num_blocks_full: int | None = Field(None, ge=1, description="override: KV blocks of the NoPE (full-history) layers")
     num_blocks_chunked: int | None = Field(None, ge=1, description="override: KV blocks of the chunked RoPE layers")
@@ -28,12 +32,30 @@ class EngineConfig(BaseModel):
         "step made progress for this long (Serve then replaces the replica); above the longest expected step"
     )
     attention_backend: str = Field(
-        "reference", description="attention over the paged KV cache (deployments/engine/attention/registry.py)"
+        "reference", description="attention over the paged KV cache (deployments/engine/attention/registry.py): "
+        "reference (SDPA per sequence), flex (compiled flex_attention, one call per layer) or auto (flex on CUDA)"
     )
+    compile: bool | None = Field(
+        None, description="torch.compile the step (deployments/engine/compile.py); None: on for CUDA, off on the CPU"
+    )
+    cuda_graphs: bool | None = Field(
+        None, description="capture decode steps as CUDA graphs per padded batch size (needs compile and backends "
+        "that trace: flex attention, grouped experts); None: on for CUDA"
+    )
+
+    expert_kernel: str = Field(
+        "auto", description="the routed experts' kernel (model/expert_kernel.py): reference | grouped | auto (grouped "
+        "on CUDA, reference elsewhere); applies to colocated experts and to every expert shard"
+    )
+
+    @field_validator("expert_kernel")
+    @classmethod
+    def _known_kernel(cls, name: str) -> str:
+        return check_known("expert kernel", name, KERNEL_CHOICES)
 
     @field_validator("attention_backend")
     @classmethod
     def _known_backend(cls, name: str) -> str:
-        from deployments.engine.attention.registry import ATTENTION_BACKENDS
+        from deployments.engine.attention.registry import ATTENTION_BACKENDS, AUTO
 
-        return check_known("attention backend", name, ATTENTION_BACKENDS)
+        return check_known("attention backend", name, [*ATTENTION_BACKENDS, AUTO])

@@ -18,7 +18,8 @@ from typing import cast
 
 import torch
 
-from deployments.engine.attention import attention_backend
+from deployments.engine.attention import attention_backend, resolve_attention_backend
+from deployments.engine.compile import TRACEABLE_ATTENTION, CompileSettings, StepCompiler, experts_trace
 from deployments.engine.config import EngineConfig
 from deployments.engine.experts import ColocatedExperts, ExpertBackend, ExpertBackendUnavailable
 from deployments.engine.kv_cache import KVCache
@@ -33,8 +34,10 @@ from deployments.engine.sampler import Sampler
 from deployments.engine.scheduler import ScheduledChunk, Scheduler
 from deployments.engine.sequence import ImageInput, Sequence
 from deployments.engine.validation import check_encodable
-from model.errors import InvalidInputError
+from model.errors import ConfigError, InvalidInputError
+from model.expert_kernel import expert_kernel, resolve_expert_kernel
 from model.llama4 import Llama4
+from model.moe import Experts
 from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,13 +67,17 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
+        use_expert_kernel(model, self.config.expert_kernel)
         groups = plan_kv_groups(model.cfg.text, self.config, model.dtype)
         self.kv = KVManager(groups, self.config.block_size)
         text = model.cfg.text
         cache = KVCache(groups, self.config.block_size, text.num_key_value_heads, text.head_dim, model.dtype,
                         model.device)
-        attention = attention_backend(self.config.attention_backend)(self.kv, model.device)
-        self.runner = ModelRunner(model, self.kv, cache, experts or ColocatedExperts(model), attention)
+        attention = attention_backend(resolve_attention_backend(self.config.attention_backend, model.device))(
+            self.kv, model.device)
+        experts = experts or ColocatedExperts(model)
+        self.runner = ModelRunner(model, self.kv, cache, experts, attention,
+                                 self._compiler(model.device, colocated=isinstance(experts, ColocatedExperts)))
         self.scheduler = Scheduler(self.config, self.kv)
         self.sampler = Sampler()
         self.max_model_len = min(self.config.max_model_len or text.max_position_embeddings,
@@ -82,6 +89,25 @@ class Engine:
         self.num_steps = 0  # steps that ran a batch (a step with nothing schedulable does not count)
         log.info("engine ready: %s; max_model_len %d", ", ".join(f"{g.name} KV {g.num_blocks} blocks x "
                  f"{len(g.layers)} layers" for g in groups), self.max_model_len)
+
+    def _compiler(self, device: torch.device, *, colocated: bool) -> StepCompiler | None:
+        """The step compiler `config.compile` / `cuda_graphs` ask for on `device` (None: eager).
+        Experts run elsewhere (`colocated` False: Ray calls, the expert group's exchanges) never trace."""
+        try:
+            settings = CompileSettings.resolve(self.config.compile, self.config.cuda_graphs, device)
+        except ValueError as e:
+            raise ConfigError(f"engine config: {e}") from None
+        if not settings.compile:
+            return None
+        backend = resolve_attention_backend(self.config.attention_backend, device)
+        kernel = resolve_expert_kernel(self.config.expert_kernel, device)
+        traceable = backend in TRACEABLE_ATTENTION, colocated and experts_trace(kernel, self.model.dtype)
+        if settings.cuda_graphs and not all(traceable):
+            log.info("cuda_graphs: attention %s / experts %s in %s do not trace: compiling without CUDA graphs",
+                     backend, kernel, self.model.dtype)
+            settings = CompileSettings(True, False, settings.backend)
+        return StepCompiler(settings, self.kv, self.config.max_num_seqs, attention_traceable=traceable[0],
+                            experts_traceable=traceable[1])
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, *, device: str = "cpu",
@@ -282,6 +308,15 @@ class Engine:
             for out in self.step():
                 done[out.request_id].append(out)
         return [_completion(r, done[r]) for r in rids]
+
+
+def use_expert_kernel(model: Llama4, name: str) -> None:
+    """Run the model's own routed experts with kernel `name` (`engine.expert_kernel`; `auto`
+    resolved on the model's device)."""
+    kernel = expert_kernel(resolve_expert_kernel(name, model.device))
+    for module in model.modules():
+        if isinstance(module, Experts):
+            module.kernel = kernel
 
 
 def _completion(request_id: str, outputs: list[RequestOutput]) -> Completion:

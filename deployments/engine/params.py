@@ -12,6 +12,7 @@ from deployments.engine.validation import describe_validation_error, encodable
 from model.errors import InvalidInputError
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024  # longer stop strings are refused (matching is linear anyway)
 MAX_SEED = 2**63 - 1  # the gRPC field is int64; torch.Generator.manual_seed takes it as is
 # Integer bounds (the gRPC fields are int32): anything the sampler, the stop checker or a torch
 # tensor holds must fit, so an absurd value is a 400 here rather than an overflow inside a step.
@@ -36,6 +37,7 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Per-request seed: the same seed gives "
                              "the same tokens whatever else is in the batch; None = shared RNG.")
     stop: list[str] = Field(default_factory=list, description=f"Up to {MAX_STOP_STRINGS} non-empty strings "
+                            f"of at most {MAX_STOP_STRING_CHARS} characters "
                             "that end generation; the returned text ends before the stop string.")
     stop_token_ids: list[int] = Field(default_factory=list, description="Token ids that end generation "
                                       "(even with ignore_eos); kept in the token ids, not in the text.")
@@ -61,6 +63,9 @@ class SamplingParams(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(v)}")
         if any(not s for s in v):
             raise ValueError("stop strings must be non-empty")
+        longest = max((len(s) for s in v), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise ValueError(f"a stop string may have at most {MAX_STOP_STRING_CHARS} characters, got one of {longest}")
         for s in v:
             encodable(s)
         return v

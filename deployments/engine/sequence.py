@@ -102,6 +102,13 @@ class Sequence:
         flat = torch.cat([img.embeds for img in self.images])
         return flat[before : before + len(owners)]
 
+    def patch_offsets(self, start: int, end: int) -> list[int]:
+        """Offsets from `start` of the `<|patch|>` tokens among positions `[start, end)` (the rows
+        `image_rows` fills), found on the host."""
+        if not self.images:
+            return []
+        return [i for i, o in enumerate(self._patch_image[start:min(end, self.num_prompt_tokens)]) if o >= 0]
+
     def _patch_owners_range(self, start: int, end: int) -> list[int]:
         return [o for o in self._patch_image[start:min(end, self.num_prompt_tokens)] if o >= 0]
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Literal
 
+from deployments.auth import is_private_salt
 from deployments.engine.kv_transfer import KVChunk
 from deployments.engine.sequence import ImageInput, Sequence
 from deployments.lru import LRUCache
@@ -75,6 +76,8 @@ class SharedCache:
     async def lookup(self, engine, prompt_ids: Seq[int], images: Seq[ImageInput] = (),
                      cache_salt: str = "") -> tuple[list[KVChunk], int]:
         """Chunks to load after the local prefix, and how many leading chunks Redis is known to hold."""
+        if is_private_salt(cache_salt):  # an anonymous request's own namespace: nothing to share
+            return [], 0
         try:
             digests, local = await asyncio.to_thread(engine.prefix_chunks, prompt_ids, images, cache_salt)
         except Exception:  # a malformed request: the engine rejects it with a clear error
@@ -135,6 +138,8 @@ class SharedCache:
         return self.store.can_write()
 
     def put(self, seq: Sequence, chunk: KVChunk) -> None:
+        if is_private_salt(seq.cache_salt):  # no request could ever read it
+            return
         with self._lock:
             if chunk.digest in self._known:
                 return

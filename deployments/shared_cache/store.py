@@ -136,6 +136,10 @@ class RedisKVStore:
         return True
 
     def _write_loop(self) -> None:
+        """Write queued values until `close`. Nothing a write raises stops the thread: a Redis
+        failure feeds the breaker (`_guarded`), anything else (a bug in encoding, a callback) is
+        logged with its traceback, counted as `stats.errors["write_internal"]` (metric
+        herd_redis_errors{op="write_internal"}), and the next write goes on."""
         while True:
             item = self._writes.get()
             if item is None:
@@ -146,6 +150,9 @@ class RedisKVStore:
                 if self.write_blocking(key, value, self.ttl_s):
                     self.stats.bytes_written += len(value)
                     done()
+            except Exception:
+                self.stats.errors["write_internal"] = self.stats.errors.get("write_internal", 0) + 1
+                log.exception("a shared prefix-cache write failed (not a Redis error); skipped, the writer goes on")
             finally:
                 with self._lock:
                     self._inflight -= nbytes

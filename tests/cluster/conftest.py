@@ -15,6 +15,10 @@ GRPC_SERVICERS = [
 ]
 
 
+# Deliberately off for the tests that are not about authentication (tests/cluster/test_auth.py is).
+NO_AUTH = {"enabled": False, "shared_anonymous_cache": True}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -50,13 +54,16 @@ class Served:
             time.sleep(1)
 
     def deploy(self, **config) -> None:
-        """(Re)deploy the app with this HerdConfig and wait until it is running."""
+        """(Re)deploy the app with this HerdConfig and wait until it is running. Without `auth` in
+        `config` API keys are off and anonymous requests share one cache namespace (NO_AUTH): the
+        tests that are not about authentication call it as clients did before keys existed."""
         from ray import serve
 
         from cluster.app import build_app
         from deployments.expert_shard import kill_pool
 
         kill_pool()
+        config.setdefault("auth", NO_AUTH)
         serve.run(build_app({"model": str(self.model_dir), **config}), name="herd", route_prefix="/")
 
 

@@ -84,6 +84,8 @@ class FakeRpcError(grpc.RpcError):
     (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", errors.RequestFailed,
      "no answer from 1.2.3.4:9 within 7 s"),
     (grpc.StatusCode.INTERNAL, "", errors.RequestFailed, "gRPC status INTERNAL"),
+    (grpc.StatusCode.UNAUTHENTICATED, "missing API key: send metadata", errors.RequestFailed,
+     "missing API key: send metadata (1.2.3.4:9: pass --api-key or set HERD_API_KEY)"),
 ])
 def test_grpc_errors_become_cli_errors(code, details, kind, fragment):
     err = translate(FakeRpcError(code, details), "1.2.3.4:9", 7)
@@ -151,6 +153,23 @@ def test_prompt_file_and_stdin_equal_prompt_offline(checkpoint, capsys, monkeypa
     assert generate_offline(checkpoint, capsys, "--prompt-file", "-") == want
 
 
+def test_fast_path_flags_offline_give_the_same_greedy_tokens(checkpoint, capsys):
+    want = generate_offline(checkpoint, capsys, "--prompt", "Herd")
+    fast = generate_offline(checkpoint, capsys, "--prompt", "Herd", "--expert-kernel", "grouped",
+                            "--attention-backend", "reference")
+    assert fast == want
+    out = herd("generate", "--offline", "--model", str(checkpoint), "--prompt", "a", "--expert-kernel", "fast")
+    assert out.returncode == errors.EXIT_USAGE and "invalid choice: 'fast'" in out.stderr
+
+
+def test_attention_backend_flag_offline(checkpoint, capsys):
+    want = generate_offline(checkpoint, capsys, "--prompt", "hi")
+    # auto is the reference backend on the CPU
+    assert generate_offline(checkpoint, capsys, "--prompt", "hi", "--attention-backend", "auto") == want
+    out = herd("generate", "--offline", "--model", str(checkpoint), "--prompt", "hi", "--attention-backend", "flesh")
+    assert out.returncode == errors.EXIT_USAGE and "invalid choice: 'flesh'" in out.stderr
+
+
 # ---- herd chat -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("chunks, printed", [
@@ -205,3 +224,75 @@ def test_resources_are_checked_before_ray():
     assert config_changes({"model": "/a", "experts": {"mode": "colocated", "num_shards": 1}},
                           {"model": "/a", "experts": {"mode": "sharded", "num_shards": 1}}) == [
         "experts.mode: 'colocated' -> 'sharded'"]
+
+
+# ---- herd keys -------------------------------------------------------------------------------------
+
+def test_keys_add_list_revoke(tmp_path, monkeypatch, capsys):
+    """On herd up's key store ($HERD_HOME/keys.json) unless --keys-file: add prints the key alone on
+    stdout (once), list shows no secret, revoke removes it, and the store accepts exactly what it lists."""
+    from deployments.auth import KeyStore
+
+    monkeypatch.setenv("HERD_HOME", str(tmp_path))
+    assert main(["keys", "add", "--tenant", "acme"]) == 0
+    out = capsys.readouterr()
+    key = out.out.strip()
+    key_id = key.split("_")[1]
+    assert key.startswith("herd_") and f"key {key_id} for tenant acme added to {tmp_path / 'keys.json'}" in out.err
+    assert key not in (tmp_path / "keys.json").read_text()
+    assert KeyStore(str(tmp_path / "keys.json")).lookup(key).tenant == "acme"
+    assert main(["keys", "add", "--tenant", "ops", "--admin"]) == 0
+    capsys.readouterr()
+    assert main(["keys", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(k["tenant"], k["admin"]) for k in listed] == [("acme", False), ("ops", True)]
+    assert listed[0]["id"] == key_id and "sha256" not in listed[0]
+    assert main(["keys", "revoke", key_id]) == 0
+    assert f"revoked key {key_id} of tenant acme" in capsys.readouterr().out
+    assert KeyStore(str(tmp_path / "keys.json")).lookup(key) is None
+    assert main(["keys", "list"]) == 0
+    assert key_id not in capsys.readouterr().out
+
+
+def test_keys_errors_are_one_line(tmp_path):
+    store = str(tmp_path / "keys.json")
+    out = herd("keys", "revoke", "0123456789ab", "--keys-file", store)
+    assert out.returncode == errors.EXIT_FAILED and "no key '0123456789ab'" in one_line_error(out)
+    out = herd("keys", "add", "--tenant", "a b", "--keys-file", store)
+    assert out.returncode == errors.EXIT_FAILED and "tenant name 'a b'" in one_line_error(out)
+    (tmp_path / "keys.json").write_text("{}")
+    out = herd("keys", "list", "--keys-file", store)
+    assert out.returncode == errors.EXIT_FAILED and "is not a herd key store" in one_line_error(out)
+
+
+def test_up_with_auth_makes_its_key_store_and_an_admin_key_once(tmp_path, monkeypatch):
+    """What `herd up` deploys (cluster.launcher.with_auth): herd up's own key store and an admin key on
+    first start, nothing new after; a key store the config names is checked; --no-auth makes no key."""
+    from cluster.launcher import ClusterError, with_auth
+    from deployments.auth import KeyStore
+    from deployments.config import HerdConfig
+
+    monkeypatch.setenv("HERD_HOME", str(tmp_path))
+    cfg, made = with_auth(HerdConfig(model="m"))
+    assert cfg.auth.keys_file == str(tmp_path / "keys.json") and made is not None
+    key, key_id = made
+    assert (tmp_path / "admin-key").read_text().strip() == key
+    assert oct((tmp_path / "admin-key").stat().st_mode & 0o777) == "0o600"
+    principal = KeyStore(cfg.auth.keys_file).lookup(key)
+    assert principal.admin and principal.key_id == key_id
+    assert with_auth(HerdConfig(model="m")) == (cfg, None)  # the second start shows no key
+    with pytest.raises(ClusterError, match="does not exist"):
+        with_auth(HerdConfig(model="m", auth={"keys_file": str(tmp_path / "nope.json")}))
+    off = HerdConfig(model="m", auth={"enabled": False})
+    assert with_auth(off) == (off, None)
+
+
+def test_up_no_auth_deploys_without_keys(tmp_path, monkeypatch, checkpoint):
+    from cluster.launcher import State
+
+    deployed = []
+    monkeypatch.setenv("HERD_HOME", str(tmp_path))
+    monkeypatch.setattr("cluster.launcher.up", lambda cfg, ports, replace_app: deployed.append(cfg) or State())
+    assert main(["up", "--model", str(checkpoint), "--no-auth"]) == 0
+    assert main(["up", "--model", str(checkpoint)]) == 0
+    assert [c.auth.enabled for c in deployed] == [False, True]

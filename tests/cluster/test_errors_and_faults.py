@@ -37,7 +37,8 @@ def grpc_error(served, request) -> grpc.RpcError:
 @pytest.fixture(scope="module")
 def sharded(served):
     # at most 4 requests per replica: 8 at once must use both (and the shards see both replicas' rows)
-    served.deploy(router_service={"num_replicas": 2, "max_ongoing_requests": 4},
+    # (engine.max_waiting must stay below max_ongoing_requests)
+    served.deploy(router_service={"num_replicas": 2, "max_ongoing_requests": 4}, engine={"max_waiting": 3},
                   experts={"mode": "sharded", "num_shards": 2, "transport": "collective"})
     return served
 

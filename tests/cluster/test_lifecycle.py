@@ -30,6 +30,7 @@ class Herd:
                     # a replica that fails to start is retried once, not 3 times (the failure tests)
                     "RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1", **env}
         self.env.pop("RAY_ADDRESS", None)
+        self.env.pop("HERD_API_KEY", None)
 
     def __call__(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=self.env,
@@ -38,6 +39,9 @@ class Herd:
     def up(self, *args: str) -> subprocess.CompletedProcess:
         flags = [f for name, port in self.ports.items() for f in (f"--{name}-port", str(port))]
         return self("up", *args, *flags)
+
+    def admin_key(self) -> str:
+        return (self.home / "admin-key").read_text().strip()
 
     def state(self) -> dict:
         return json.loads((self.home / "up.json").read_text())
@@ -57,12 +61,14 @@ class Herd:
         return found
 
 
-def generate(grpc_port: int) -> list[int]:
+def generate(herd: Herd, api_key: str | None = None) -> list[int]:
+    """Four tokens over gRPC, with `api_key` (default: the admin key that `herd up` made)."""
     from cluster.client import HerdClient, sampling
     from deployments.pb import herd_pb2 as pb
 
     req = pb.GenerateRequest(text="herd", sampling=sampling(4, 0.0, 1.0, 0, None))
-    return [t for chunk in HerdClient(f"127.0.0.1:{grpc_port}", timeout_s=60).generate(req) for t in chunk.token_ids]
+    client = HerdClient(f"127.0.0.1:{herd.ports['grpc']}", timeout_s=60, api_key=api_key or herd.admin_key())
+    return [t for chunk in client.generate(req) for t in chunk.token_ids]
 
 
 def assert_one_line_error(out: subprocess.CompletedProcess, *words: str) -> None:
@@ -103,11 +109,56 @@ def herd(checkpoint, tmp_path_factory):
         h("down")
 
 
+def test_up_makes_an_admin_key_shows_it_once_and_clients_here_use_it(herd, checkpoint):
+    key_file = herd.home / "admin-key"
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    key = herd.admin_key()
+    assert f"admin API key (shown once; kept in {key_file}" in herd.up_output.stdout and key in herd.up_output.stdout
+    assert key not in (herd.home / "keys.json").read_text()  # the store holds its hash only
+    again = herd.up("--model", str(checkpoint))
+    assert again.returncode == 0 and key not in again.stdout + again.stderr
+    status = herd("status").stdout
+    assert f"the admin key is in {key_file}" in status and key not in status
+    out = herd("generate", "--address", f"127.0.0.1:{herd.ports['grpc']}", "--prompt", "herd", "--max-tokens", "4",
+               "--json")  # finds the admin key by itself
+    assert out.returncode == 0 and len(json.loads(out.stdout)["token_ids"]) == 4, out.stderr
+    stranger = Herd(herd.home.parent / "elsewhere")  # another machine: no admin key there
+    stranger.ports = herd.ports
+    out = stranger("generate", "--address", f"127.0.0.1:{herd.ports['grpc']}", "--prompt", "herd")
+    assert out.returncode == 1 and "missing API key" in out.stderr and "--api-key" in out.stderr, out.stderr
+    out = stranger("generate", "--address", f"127.0.0.1:{herd.ports['grpc']}", "--prompt", "herd", "--max-tokens",
+                   "4", "--json", "--api-key", key)
+    assert out.returncode == 0, out.stderr
+
+
+def test_keys_added_and_revoked_with_the_cli_take_effect_at_once(herd):
+    from cluster.errors import RequestFailed
+
+    out = herd("keys", "add", "--tenant", "acme")
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.strip()
+    key_id = key.split("_")[1]
+    assert len(generate(herd, key)) == 4
+    listed = herd("keys", "list").stdout
+    assert key_id in listed and "acme" in listed and key not in listed
+    out = herd("keys", "revoke", key_id)
+    assert out.returncode == 0 and f"revoked key {key_id} of tenant acme" in out.stdout, out.stderr
+    with pytest.raises(RequestFailed, match="invalid API key") as e:
+        generate(herd, key)
+    assert e.value.code == "UNAUTHENTICATED"
+    assert key_id not in herd("keys", "list").stdout
+    assert len(generate(herd)) == 4  # the admin key still works
+
+
 def test_up_serves_and_records_what_it_started(herd):
     state = herd.state()
     assert state["ray_started"] and state["ray_sid"] and state["redis_pid"]
     assert state["config"]["model"]
-    assert len(generate(herd.ports["grpc"])) == 4
+    assert len(generate(herd)) == 4
+    # the shared cache's secret: made in HERD_HOME, only its path in the deployed config
+    secret = herd.home / "cache-secret"
+    assert state["config"]["redis"]["secret_file"] == str(secret) and secret.stat().st_mode & 0o077 == 0
+    assert secret.read_text().strip() not in (herd.home / "up.json").read_text() + herd.up_output.stdout
 
 
 def test_up_again_with_the_same_config_does_nothing(herd, checkpoint):
@@ -126,7 +177,7 @@ def test_up_with_another_config_refuses_without_replace(herd, checkpoint, tmp_pa
 def test_up_with_a_bad_path_on_a_running_cluster_keeps_serving(herd):
     out = herd.up("--replace", "--model", "/nonexistent")
     assert_one_line_error(out, "/nonexistent")
-    assert len(generate(herd.ports["grpc"])) == 4
+    assert len(generate(herd)) == 4
 
 
 def test_up_with_an_invalid_config_says_which_field(herd, checkpoint, tmp_path):
@@ -144,7 +195,7 @@ def test_up_needing_more_gpus_than_the_cluster_has_is_refused(herd, checkpoint, 
 def test_failed_replace_redeploys_the_previous_config(herd, checkpoint, broken_checkpoint):
     out = herd.up("--replace", "--model", str(broken_checkpoint))
     assert_one_line_error(out, str(broken_checkpoint), "CheckpointError", "still serves", str(checkpoint))
-    assert len(generate(herd.ports["grpc"])) == 4
+    assert len(generate(herd)) == 4
     assert herd.state()["config"]["model"] == str(checkpoint)  # the last good config stays
 
 
@@ -154,7 +205,7 @@ def test_replace_with_sharded_experts_shows_the_shards_and_their_nodes(herd, che
     out = herd.up("--replace", "--config", str(config))
     assert out.returncode == 0, out.stderr
     assert "replacing it: experts.mode: 'colocated' -> 'sharded'" in out.stdout
-    assert len(generate(herd.ports["grpc"])) == 4
+    assert len(generate(herd)) == 4
     shards = json.loads(herd("status", "--json").stdout)["expert_shards"]
     assert [s["experts"] for s in shards] == ["0-1", "2-3"]
     assert all(s["state"] == "alive" and s["node"] not in ("", "?") for s in shards)
@@ -238,3 +289,6 @@ def test_up_that_fails_to_deploy_stops_what_it_started(tmp_path, broken_checkpoi
     out = h.up("--model", str(broken_checkpoint))
     assert_one_line_error(out, str(broken_checkpoint), "CheckpointError")
     assert h.leftovers() == [] and not (tmp_path / "up.json").exists()
+    # nor an admin key that nobody was shown
+    assert not (tmp_path / "admin-key").exists() and "admin API key" not in out.stdout
+    assert json.loads((tmp_path / "keys.json").read_text()) == {"keys": []}

@@ -1,7 +1,8 @@
 """The Redis-backed prefix cache on a real cluster: 2 router-service replicas, a real redis-server, gRPC.
 
 A document prefilled by one replica is loaded from Redis by the other and gives exactly the tokens
-of a cold run; tenants never share hits; bad values are rejected; losing Redis loses no request."""
+of a cold run; tenants never share hits; values forged without the secret are rejected; losing Redis
+loses no request."""
 
 import time
 
@@ -20,9 +21,12 @@ MAX_TOKENS = 5
 
 
 @pytest.fixture(scope="module")
-def cluster(served, redis_server):
+def cluster(served, redis_server, tmp_path_factory):
+    secret = tmp_path_factory.mktemp("secret") / "cache-secret"
+    secret.write_text("cluster-test-secret-0123456789abcdef")
     served.deploy(router_service={"num_replicas": 2, "num_cpus": 0.5}, routing={"policy": "power_of_two"},
-                  redis={"url": redis_server.url, "chunk_tokens": CHUNK, "fetch_policy": "always", "cooldown_s": 1.0})
+                  redis={"url": redis_server.url, "chunk_tokens": CHUNK, "fetch_policy": "always", "cooldown_s": 1.0,
+                         "secret_file": str(secret)})
     return served
 
 
@@ -90,20 +94,23 @@ def test_tenants_never_share_hits(cluster, redis_server):
     assert ask(cluster, doc + [3], tenant="acme").usage.cached_tokens > 0
 
 
-def test_a_bad_value_ends_the_hit_and_never_reaches_the_output(cluster, redis_server, cold):
+def test_a_forged_value_ends_the_hit_and_never_reaches_the_output(cluster, redis_server, cold):
+    """A writer without the secret replaces the third chunk's KV (its key is visible in Redis, its
+    header readable) with zeros: the value has the right key and shape but not the right MAC."""
     r = redis_server.client()
     r.flushall()
     doc = document(3)
     first = ask(cluster, doc + [1])
     keys = wait_for_keys(redis_server, len(doc) // CHUNK)
-    # Chunks are keyed by digest, not position: find the third chunk's value by its header index.
+    # Keys are keyed hashes: find the third chunk's value by its header index.
     third = next(k for k in keys if b'"index": 2' in r.get(k)[:400])
     value = r.get(third)
-    r.set(third, value.replace(value[value.index(b'"model": "') + 10:][:32], b"f" * 32, 1))  # a foreign model
+    header_end = 12 + int.from_bytes(value[8:12], "little")
+    r.set(third, value[:header_end] + bytes(len(value) - header_end))  # zero KV, zero tag
     ids, out = on_other_replica(cluster, doc, first.usage.replica)
     assert out.usage.cached_tokens_shared == 2 * CHUNK  # chunks 0 and 1, then the rejected one
     assert list(out.token_ids) == cold(ids)
-    assert cluster.metric("ray_herd_redis_integrity_failures_total", 'reason="foreign_model"') >= 1
+    assert cluster.metric("ray_herd_redis_integrity_failures_total", 'reason="mac"') >= 1
 
 
 def test_requests_survive_redis_dying_and_the_cache_comes_back(cluster, redis_server, cold):

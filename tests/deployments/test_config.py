@@ -20,6 +20,7 @@ def test_shipped_serve_config():
     assert app["import_path"] == "cluster.app:build_app"
     cfg = HerdConfig.model_validate(app["args"])
     assert cfg.experts.mode == "sharded" and cfg.engine.max_num_seqs == 64
+    assert cfg.auth.enabled and cfg.auth.keys_file == "~/.cache/herd/keys.json"  # herd up's key store
 
 
 @pytest.mark.parametrize("args, field", [
@@ -28,10 +29,23 @@ def test_shipped_serve_config():
     ({"model": "m", "router_service": {"num_replicas": 0}}, "router_service.num_replicas"),
     ({"model": "m", "engine": {"block_size": "big"}}, "engine.block_size"),
     ({"model": "m", "colour": "blue"}, "colour"),
+    ({"model": "m", "engine": {"expert_kernel": "grouped-typo"}}, "engine.expert_kernel"),
+    ({"model": "m", "experts": {"kernel": "grouped"}}, "experts.kernel"),  # moved to engine.expert_kernel
 ])
 def test_bad_config_names_the_field(args, field):
     with pytest.raises(ValidationError, match=field.replace(".", r"\.")):
         HerdConfig.model_validate(args)
+
+
+def test_expert_kernel_is_an_engine_key_and_auto_picks_by_device():
+    from model.expert_kernel import resolve_expert_kernel
+
+    cfg = HerdConfig.model_validate({"model": "m", "engine": {"expert_kernel": "grouped"}})
+    assert cfg.engine.expert_kernel == "grouped"
+    assert HerdConfig.model_validate({"model": "m"}).engine.expert_kernel == "auto"
+    assert resolve_expert_kernel("auto", "cuda") == "grouped"
+    assert resolve_expert_kernel("auto", "cpu") == "reference"
+    assert resolve_expert_kernel("grouped", "cpu") == "grouped"
 
 
 def test_one_gpu_runs_the_experts_colocated():
@@ -60,3 +74,33 @@ def test_bad_expert_group_settings_name_their_field(experts, field):
 def test_expert_group_defaults():
     cfg = ExpertsConfig(mode="sharded")
     assert (cfg.transport, cfg.micro_batches, cfg.group_timeout_s) == ("collective", 1, 30.0)
+
+
+def test_back_pressure_is_consistent_and_reachable():
+    """The engine's max_waiting must be below the router service's max_ongoing_requests (else its
+    fast refusal never happens); Serve queues are bounded by default and refuse with 429."""
+    from deployments.engine.validation import describe_validation_error
+
+    with pytest.raises(ValidationError) as info:
+        HerdConfig.model_validate({"model": "m", "engine": {"max_waiting": 4096}})
+    message = describe_validation_error(info.value)
+    assert "engine.max_waiting (4096)" in message and "router_service.max_ongoing_requests (256)" in message
+    with pytest.raises(ValidationError, match="max_queued_requests"):
+        HerdConfig.model_validate({"model": "m", "ingress": {"max_queued_requests": 0}})
+    cfg = HerdConfig.model_validate({"model": "m"})
+    assert cfg.engine.max_waiting < cfg.router_service.max_ongoing_requests
+    from cluster.app import _options
+
+    for opts in (cfg.ingress, cfg.router_service, cfg.vision):
+        options = _options(opts)
+        assert options["max_queued_requests"] == 64 and options["backpressure_config"].status_code == 429
+
+
+def test_served_engines_default_to_a_reachable_max_waiting():
+    from deployments.config import SERVING_MAX_WAITING
+    from deployments.engine.config import EngineConfig
+
+    assert HerdConfig.model_validate({"model": "m"}).engine.max_waiting == SERVING_MAX_WAITING
+    assert HerdConfig.model_validate({"model": "m", "engine": {"max_num_seqs": 8}}).engine.max_waiting == 128
+    assert HerdConfig.model_validate({"model": "m", "engine": {"max_waiting": 7}}).engine.max_waiting == 7
+    assert EngineConfig().max_waiting == 4096  # offline batches (Engine.generate, benchmarks) are not capped

@@ -43,6 +43,7 @@ ENGINE = EngineConfig(block_size=4, max_num_batched_tokens=32, max_num_seqs=4, k
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 PROMPTS = {"a": [[5, 17, 99, 230, 41, 8], [300, 12, 77, 150]], "b": [[7, 7, 7, 100, 200], [64, 3, 2, 1, 9, 9, 40]]}
 EXPERTS = ExpertsConfig(mode="sharded", num_shards=2, num_cpus_per_shard=1, group_timeout_s=20, idle_poll_s=0.005)
+KERNEL = "grouped"  # the shards' kernel (engine.expert_kernel), not the colocated engines' default
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def shards(checkpoint):
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="herd-tests-expert-shard",
              log_to_driver=False)
     try:
-        yield wait_for_shards(get_or_create_pool(str(checkpoint), EXPERTS, "cpu", DTYPE), timeout_s=300)
+        yield wait_for_shards(get_or_create_pool(str(checkpoint), EXPERTS, "cpu", DTYPE, KERNEL), timeout_s=300)
     finally:
         kill_pool()
         ray.shutdown()
@@ -107,7 +108,7 @@ def colocated(checkpoint):
 def replica(checkpoint, rid: str) -> Engine:
     """An engine replica in the pool's expert group (as a router-service replica joins it)."""
     def pool():
-        return get_or_create_pool(str(checkpoint), EXPERTS, "cpu", DTYPE)
+        return get_or_create_pool(str(checkpoint), EXPERTS, "cpu", DTYPE, KERNEL)
 
     backend = CollectiveExperts(lambda after: join_expert_group(pool, rid, ENGINE.max_num_batched_tokens, after, 60),
                                 rid, idle_poll_s=EXPERTS.idle_poll_s)

@@ -6,7 +6,7 @@ from helm_chart import CASES, CHART_DIR, PROFILES, by_kind, pod_specs, run_helm
 
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schema shipped.
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
-BUILTIN_KINDS = {"Secret", "ConfigMap", "Service", "StatefulSet"}
+BUILTIN_KINDS = {"Secret", "ConfigMap", "Service", "StatefulSet", "NetworkPolicy"}
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor"}
 
 

@@ -46,3 +46,25 @@ def test_chunking_matters(reference):
     twin = model.Llama4(m.cfg.with_text(attention_chunk_size=None))
     twin.load_state_dict(m.state_dict())
     assert (twin.logits(ids) - chunked).abs().max() > 1e-2
+
+
+def test_real_rope_equals_the_complex_rotation(reference):
+    """apply_rotary's cos/sin arithmetic is transformers' complex product, to fp32 precision."""
+    from model.rope import apply_rotary, text_inv_freq, text_rope
+
+    _, ckpt = reference(llama3_scaling=True)
+    cfg = model.Llama4Config.from_dir(ckpt).text
+    positions = torch.tensor([0, 1, 7, 4095, 8191, 100_000, 1_000_000])
+    inv_freq = text_inv_freq(cfg)
+    x = torch.randn(len(positions), 3, cfg.head_dim, generator=torch.Generator().manual_seed(4))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    rotation = torch.polar(torch.ones_like(freqs), freqs)[:, None, :]  # [T, 1, D/2] complex
+    want = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rotation).flatten(-2)
+    torch.testing.assert_close(apply_rotary(x, text_rope(inv_freq, positions)), want, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_qkv_keeps_the_checkpoint_names(reference):
+    _, ckpt = reference()
+    names = set(model.load(ckpt).state_dict())
+    assert "language_model.model.layers.0.self_attn.q_proj.weight" in names
+    assert not any("qkv_proj" in n for n in names)

@@ -1,12 +1,14 @@
 """The expert-kernel seam: kernels are chosen by name, the reference kernel computes each expert's
-SwiGLU on its run of rows, and `Experts` hands a kernel exactly its owned, gate-scaled rows."""
+SwiGLU on its run of rows, `Experts` hands a kernel its owned, gate-scaled rows sorted by expert
+(then the pairs it does not own as zero padding: static shapes), and the `grouped` kernel equals
+the reference exactly in fp32."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model.errors import ConfigError
-from model.expert_kernel import EXPERT_KERNELS, expert_kernel, reference_kernel
+from model.expert_kernel import EXPERT_KERNELS, expert_kernel, grouped_kernel, reference_kernel
 from model.moe import Experts
 
 
@@ -32,6 +34,10 @@ def test_reference_kernel_runs_each_expert_on_its_rows():
     want = torch.cat([swiglu(x[:2], gate_up[0], down[0]), swiglu(x[2:], gate_up[2], down[2])])
     torch.testing.assert_close(out, want)
     assert reference_kernel(x[:0], torch.zeros(3, dtype=torch.long), gate_up, down).shape == (0, 8)
+    padded = reference_kernel(x, torch.tensor([2, 0, 1]), gate_up, down)  # rows 3, 4: padding, output zero
+    torch.testing.assert_close(padded[:3], torch.cat([swiglu(x[:2], gate_up[0], down[0]),
+                                                      swiglu(x[2:3], gate_up[2], down[2])]))
+    assert not padded[3:].any()
 
 
 def test_experts_give_a_kernel_only_owned_scaled_rows_sorted_by_expert():
@@ -53,8 +59,48 @@ def test_experts_give_a_kernel_only_owned_scaled_rows_sorted_by_expert():
     scores = torch.tensor([[0.5, 0.9], [0.1, 0.25], [0.75, 1.0]])
     out = shard(x, ids, scores)
     assert seen["counts"].tolist() == [2, 2]  # expert 2: tokens 1, 2; expert 3: tokens 0, 2
-    torch.testing.assert_close(seen["x"], torch.stack([x[1] * 0.25, x[2] * 0.75, x[0] * 0.5, x[2] * 1.0]))
+    owned = torch.stack([x[1] * 0.25, x[2] * 0.75, x[0] * 0.5, x[2] * 1.0])
+    torch.testing.assert_close(seen["x"], torch.cat([owned, torch.zeros(2, 4)]))  # 6 = T * k rows, 2 padding
     e2 = lambda v: swiglu(v, shard.gate_up_proj[0], shard.down_proj[0])  # noqa: E731
     e3 = lambda v: swiglu(v, shard.gate_up_proj[1], shard.down_proj[1])  # noqa: E731
     want = torch.stack([e3(x[0] * 0.5), e2(x[1] * 0.25), e2(x[2] * 0.75) + e3(x[2] * 1.0)])
     torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_grouped_kernel_equals_reference_exactly(seed):
+    """Random counts (some experts empty, padding rows after them): bitwise equal in fp32 eager."""
+    g = torch.Generator().manual_seed(seed)
+    experts, hidden, inter = 6, 16, 8
+    gate_up = torch.randn(experts, hidden, 2 * inter, generator=g)
+    down = torch.randn(experts, inter, hidden, generator=g)
+    counts = torch.randint(0, 4, (experts,), generator=g) * (torch.rand(experts, generator=g) < 0.6)
+    counts[seed % experts] = 0  # at least one empty expert
+    padding = seed  # seed 0: none
+    x = torch.randn(int(counts.sum()) + padding, hidden, generator=g)
+    want = reference_kernel(x, counts, gate_up, down)
+    got = grouped_kernel(x, counts, gate_up, down)
+    owned = int(counts.sum())
+    assert torch.equal(got[:owned], want[:owned])
+    assert expert_kernel("grouped") is grouped_kernel
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("shard", [range(0, 8), range(0, 3), range(3, 8), range(5, 6)])
+def test_experts_forward_grouped_equals_reference(top_k, shard):
+    """The whole `Experts` layer, all experts or a shard's slice, over random routing (tokens whose
+    choices all live on other shards included)."""
+    g = torch.Generator().manual_seed(top_k * 10 + shard.start)
+    hidden, inter, tokens = 16, 8, 13
+    layers = {name: Experts(hidden, inter, len(shard), shard.start, kernel=name) for name in ("reference", "grouped")}
+    weights = {"gate_up_proj": torch.randn(len(shard), hidden, 2 * inter, generator=g),
+               "down_proj": torch.randn(len(shard), inter, hidden, generator=g)}
+    for layer in layers.values():
+        layer.load_state_dict(weights)
+    x = torch.randn(tokens, hidden, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:top_k] for _ in range(tokens)])  # [T, k] global ids
+    scores = torch.rand(tokens, top_k, generator=g)
+    want, got = layers["reference"](x, ids, scores), layers["grouped"](x, ids, scores)
+    assert torch.equal(got, want)
+    not_owned = ~((ids >= shard.start) & (ids < shard.stop)).any(dim=1)
+    assert not want[not_owned].any()  # tokens with no owned choice get exactly zero

@@ -3,6 +3,6 @@
 backend is one module plus one registry line."""
 
 from deployments.engine.attention.base import AttentionBackend, Layout
-from deployments.engine.attention.registry import ATTENTION_BACKENDS, attention_backend
+from deployments.engine.attention.registry import ATTENTION_BACKENDS, attention_backend, resolve_attention_backend
 
-__all__ = ["ATTENTION_BACKENDS", "AttentionBackend", "Layout", "attention_backend"]
+__all__ = ["ATTENTION_BACKENDS", "AttentionBackend", "Layout", "attention_backend", "resolve_attention_backend"]

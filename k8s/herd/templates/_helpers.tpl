@@ -78,3 +78,28 @@ true
       name: {{ include "herd.redis.secretName" .root }}
       key: {{ include "herd.redis.secretKey" .root }}
 {{- end -}}
+
+{{/* The shared prefix cache's secret (HMAC key of Redis keys and values). */}}
+
+{{- define "herd.cacheSecret.name" -}}
+{{- default (printf "%s-cache-secret" (include "herd.fullname" .) | trunc 63 | trimSuffix "-") .Values.redis.cacheSecret.existingSecret -}}
+{{- end -}}
+
+{{- define "herd.cacheSecret.key" -}}
+{{- if .Values.redis.cacheSecret.existingSecret -}}
+{{- .Values.redis.cacheSecret.existingSecretKey -}}
+{{- else -}}
+secret
+{{- end -}}
+{{- end -}}
+
+{{/* Ray token authentication: the Secret KubeRay reads the token from (key auth_token). */}}
+{{- define "herd.rayAuth.secretName" -}}
+{{- default (printf "%s-ray-token" (include "herd.fullname" .) | trunc 63 | trimSuffix "-") .Values.rayAuth.existingSecret -}}
+{{- end -}}
+
+{{/* Labels of this release's Ray pods (head and workers), for NetworkPolicy selectors. */}}
+{{- define "herd.rayPodLabels" -}}
+{{ include "herd.selectorLabels" . }}
+herd.io/ray-node: "true"
+{{- end -}}

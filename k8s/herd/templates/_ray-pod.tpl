@@ -18,13 +18,35 @@ capabilities:
   drop: ["ALL"]
 {{- end -}}
 
+{{/* Ray containers: also a read-only root filesystem (writes go to the emptyDirs of herd.ray.volumes). */}}
+{{- define "herd.ray.containerSecurityContext" -}}
+{{ include "herd.containerSecurityContext" . }}
+readOnlyRootFilesystem: {{ .Values.raySecurityContext.readOnlyRootFilesystem }}
+{{- end -}}
+
 {{- define "herd.ray.env" -}}
 # MoE dispatches (a few MiB of hidden states) travel inline in the task RPC, not via the object store.
 - name: RAY_max_direct_call_object_size
   value: "4194304"
+# Serve's gRPC proxy would read messages up to 2 GiB; the Ingress refuses those above limits.max_body_bytes.
+- name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+  value: "67108864"
+{{- if .Values.raySecurityContext.readOnlyRootFilesystem }}
+# JIT caches that default to read-only places under $HOME: into the writable cache emptyDir.
+- name: CUDA_CACHE_PATH
+  value: /home/ray/.cache/nv
+- name: TRITON_CACHE_DIR
+  value: /home/ray/.cache/triton
+{{- end }}
 {{- if .Values.redis.auth.enabled }}
 {{ include "herd.redis.passwordEnv" (dict "root" . "name" "REDIS_PASSWORD") }}
 {{- end }}
+# The shared prefix cache's secret (redis.secret_env in the Serve config).
+- name: HERD_CACHE_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "herd.cacheSecret.name" . }}
+      key: {{ include "herd.cacheSecret.key" . }}
 {{- range $name, $value := .Values.experts.collectiveEnv }}
 - name: {{ $name }}
   value: {{ $value | quote }}
@@ -83,6 +105,11 @@ livenessProbe:
 {{- define "herd.ray.volumeMounts" -}}
 - name: dshm
   mountPath: /dev/shm
+- name: tmp
+  mountPath: /tmp
+- name: cache
+  mountPath: /home/ray/.cache
+{{- include "herd.auth.volumeMount" .root }}
 {{- if .mountModel }}
 - name: model
   mountPath: {{ .root.Values.model.mountPath }}
@@ -96,6 +123,17 @@ livenessProbe:
   emptyDir:
     medium: Memory
     sizeLimit: {{ .shmSize }}
+# Ray's session directory (/tmp/ray: sockets, logs, spilled objects) and other scratch files.
+- name: tmp
+  {{- with .root.Values.raySecurityContext.tmpSizeLimit }}
+  emptyDir:
+    sizeLimit: {{ . }}
+  {{- else }}
+  emptyDir: {}
+  {{- end }}
+- name: cache
+  emptyDir: {}
+{{- include "herd.auth.volume" .root }}
 {{- if .mountModel }}
 - name: model
   {{- if eq $model.source "pvc" }}

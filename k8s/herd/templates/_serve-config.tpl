@@ -1,7 +1,7 @@
 {{/*
 The Serve config (ray.serve.schema.ServeDeploySchema) for RayService.spec.serveConfigV2.
-Secrets never appear here: the Redis password reaches the replicas as the env var named by
-redis.password_env, set on the Ray pods from a secretKeyRef.
+Secrets never appear here: the Redis password and the shared cache's secret reach the replicas as
+the env vars named by redis.password_env and redis.secret_env, set on the Ray pods from secretKeyRefs.
 */}}
 
 {{- define "herd.serve.replicas" -}}
@@ -40,6 +40,7 @@ applications:
       {{- if $v.redis.auth.enabled }}
       password_env: REDIS_PASSWORD
       {{- end }}
+      secret_env: HERD_CACHE_SECRET
       ttl_s: {{ int $v.redis.ttlSeconds }}
     experts:
       mode: {{ $v.experts.mode }}
@@ -54,6 +55,8 @@ applications:
       max_model_len: {{ int $v.limits.maxModelLen }}
     limits:
       max_images_per_request: {{ int $v.limits.maxImagesPerRequest }}
+    auth:
+      {{- include "herd.auth.config" . | nindent 6 }}
   deployments:
   - name: Ingress
     num_replicas: {{ int $v.ingress.replicas }}

@@ -21,4 +21,7 @@ with the message.
 {{- if and $v.monitoring.podMonitor.enabled $v.monitoring.serviceMonitor.enabled -}}
 {{- fail "monitoring: enable podMonitor or serviceMonitor, not both (each Ray pod would be scraped twice)" -}}
 {{- end -}}
+{{- if and $v.networkPolicy.enabled (or $v.monitoring.podMonitor.enabled $v.monitoring.serviceMonitor.enabled) (not $v.networkPolicy.metricsFrom) -}}
+{{- fail "monitoring with networkPolicy.enabled: set networkPolicy.metricsFrom to where Prometheus runs (e.g. its namespace), or the NetworkPolicy keeps it off the metrics port" -}}
+{{- end -}}
 {{- end -}}

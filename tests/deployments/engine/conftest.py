@@ -10,14 +10,17 @@ import torch
 from model.synth import synthesize
 
 
-def make_checkpoint(tmp_path_factory, preset: str, chunk: int = 8, floor_scale: int = 4):
-    """Synthesize `preset` in fp32, shorten its attention chunk, and load the transformers reference."""
+def make_checkpoint(tmp_path_factory, preset: str, chunk: int = 8, floor_scale: int = 4, top_k: int | None = None):
+    """Synthesize `preset` in fp32, shorten its attention chunk (and set its experts per token),
+    and load the transformers reference."""
     from transformers import Llama4ForConditionalGeneration
 
     path = tmp_path_factory.mktemp(preset)
     synthesize(path, preset, seed=5, dtype=torch.float32, progress=False)
     config = json.loads((path / "config.json").read_text())
     config["text_config"].update(attention_chunk_size=chunk, floor_scale=floor_scale)
+    if top_k is not None:
+        config["text_config"]["num_experts_per_tok"] = top_k
     (path / "config.json").write_text(json.dumps(config))
     ref = Llama4ForConditionalGeneration.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
     return ref.eval(), path
@@ -30,7 +33,7 @@ def scout_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def maverick_ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory, "tiny-maverick")
+    return make_checkpoint(tmp_path_factory, "tiny-maverick", top_k=2)  # Maverick is top-1; top-2 exercises the sum
 
 
 @torch.no_grad()

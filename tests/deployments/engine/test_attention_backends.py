@@ -6,7 +6,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from deployments.engine.attention import ATTENTION_BACKENDS, attention_backend
+from deployments.engine.attention import ATTENTION_BACKENDS, attention_backend, resolve_attention_backend
+from deployments.engine.attention.flex import FlexBackend
 from deployments.engine.attention.reference import ReferenceBackend
 from deployments.engine.config import EngineConfig
 from deployments.engine.kv_manager import KVGroup, KVManager
@@ -18,12 +19,23 @@ from model.text import masked_attention
 
 def test_registry_and_config_know_the_same_backends():
     assert attention_backend("reference") is ReferenceBackend
-    assert EngineConfig(attention_backend="reference").attention_backend == "reference"
+    assert attention_backend("flex") is FlexBackend
+    for name in ["reference", "flex", "auto"]:
+        assert EngineConfig(attention_backend=name).attention_backend == name
+    assert EngineConfig().attention_backend == "reference"
     with pytest.raises(ValidationError, match="unknown attention backend 'flesh'"):
         EngineConfig(attention_backend="flesh")
     with pytest.raises(ConfigError, match="choose one of"):
         attention_backend("flesh")
-    assert set(ATTENTION_BACKENDS) >= {"reference"}
+    assert set(ATTENTION_BACKENDS) >= {"reference", "flex"}
+
+
+def test_auto_is_flex_on_cuda_and_reference_elsewhere():
+    assert resolve_attention_backend("auto", torch.device("cuda")) == "flex"
+    assert resolve_attention_backend("auto", torch.device("cpu")) == "reference"
+    assert resolve_attention_backend("flex", torch.device("cpu")) == "flex"
+    with pytest.raises(ConfigError, match="unknown attention backend 'flesh'"):
+        resolve_attention_backend("flesh", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("chunk", [None, 8])

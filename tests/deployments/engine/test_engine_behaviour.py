@@ -48,10 +48,13 @@ def test_cancellation_frees_blocks_at_once(engine):
     assert used(engine) == 0
 
 
-def test_prefix_hits_give_the_same_tokens(path):
-    cold = Engine.from_pretrained(path, CFG.model_copy(update={"enable_prefix_caching": False}))
+@pytest.mark.parametrize("backend", ["reference", "flex"])
+def test_prefix_hits_give_the_same_tokens(path, backend):
+    # one cache shape for both KV groups, the one `flex` compiled for the parity tests
+    cfg = CFG.model_copy(update={"attention_backend": backend, "num_blocks_full": 512, "num_blocks_chunked": 512})
+    cold = Engine.from_pretrained(path, cfg.model_copy(update={"enable_prefix_caching": False}))
     want = cold.generate([LONG + [9, 9]], greedy(12))[0]
-    warm = Engine.from_pretrained(path, CFG)
+    warm = Engine.from_pretrained(path, cfg)
     first = warm.generate([LONG + [1]], greedy(12))[0]
     second = warm.generate([LONG + [9, 9]], greedy(12))[0]
     assert first.num_cached_tokens == 0

@@ -37,8 +37,9 @@ class StuckEngine:
 
     lockstep = False  # its experts need no idle steps (Engine.lockstep)
 
-    def __init__(self, stuck_after_s: float):
-        self.config = SimpleNamespace(stuck_after_s=stuck_after_s)
+    def __init__(self, stuck_after_s: float, max_waiting: int = 10):
+        self.config = SimpleNamespace(stuck_after_s=stuck_after_s, max_waiting=max_waiting)
+        self.scheduler = SimpleNamespace(waiting=[])
         self.requests: set[str] = set()
         self.num_step_calls = 0
 
@@ -96,3 +97,36 @@ def test_a_dead_loop_with_work_fails_the_health_check():
     start = time.monotonic()
     asyncio.run(scenario())
     assert time.monotonic() - start < 5
+
+
+def test_overload_is_refused_without_waiting_for_a_busy_engine_thread():
+    """With engine.max_waiting requests waiting, a new one is refused at once (EngineOverloaded,
+    429 / RESOURCE_EXHAUSTED) even while the engine thread is busy with a long step: the refusal
+    used to be decided on that thread, behind the step."""
+    import threading
+
+    from deployments.engine.engine import EngineOverloaded
+
+    release = threading.Event()
+
+    class BusyEngine(StuckEngine):
+        def step(self):
+            release.wait(10)  # a long step holds the engine thread
+            return []
+
+    async def scenario():
+        engine = BusyEngine(stuck_after_s=60, max_waiting=1)
+        async_engine = AsyncEngine(engine)  # type: ignore[arg-type]
+        first = async_engine.generate("r1", [1, 2], None)  # type: ignore[arg-type]
+        consumer = asyncio.create_task(first.__anext__())
+        await asyncio.sleep(0.2)  # r1 added; the loop is now inside the blocked step
+        engine.scheduler.waiting.append("r1")
+        with pytest.raises(EngineOverloaded, match="1 requests are already waiting"):
+            await asyncio.wait_for(async_engine.generate("r2", [1], None).__anext__(), 2)  # type: ignore[arg-type]
+        release.set()
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+        await first.aclose()
+        async_engine._loop_task.cancel()
+
+    asyncio.run(scenario())

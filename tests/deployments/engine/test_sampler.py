@@ -193,3 +193,33 @@ def test_top_k_above_the_vocabulary_keeps_every_token():
     """The largest top_k SamplingParams takes is clamped to the vocabulary (no int64 overflow)."""
     probs = torch.softmax(LOGITS[None].repeat(2, 1), dim=-1)
     assert torch.equal(truncate(probs, [params(top_k=2**31 - 1), params()]), probs)
+
+
+# ---- vectorized --------------------------------------------------------------------------------
+
+def ops_of(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events()]
+
+
+def test_top_k_alone_ranks_with_topk_not_a_vocabulary_sort():
+    logits = random_logits(8, 5000, seed=12)
+    ps = [params(top_k=40), params(top_k=5, top_p=0.9), params(), params(temperature=0)] * 2
+    ops = ops_of(lambda: Sampler().sample(logits, ps, [None] * 8))
+    assert "aten::topk" in ops and "aten::sort" not in ops
+    assert "aten::sort" in ops_of(lambda: Sampler().sample(logits, [params(top_p=0.9)] * 8, [None] * 8))
+
+
+def test_parameters_cost_no_kernel_per_row():
+    """The batch's parameters become device tensors in one go: the op count does not grow with the
+    number of (unseeded) rows."""
+    mixed = [params(top_k=40, min_p=0.1), params(top_p=0.8, top_k=9), params(temperature=0.5)]
+
+    def count(rows: int) -> int:
+        logits = random_logits(rows, 300, seed=13)
+        return len(ops_of(lambda: Sampler().sample(logits, (mixed * rows)[:rows], [None] * rows)))
+
+    assert count(3) == count(48)

@@ -1,0 +1,107 @@
+"""The compiled step (deployments/engine/compile.py) on the CPU: `EngineConfig.compile` gives the
+same greedy tokens and logprobs as the eager step; the padding that gives CUDA graphs static
+shapes (dummy sequences writing into a scratch block) changes no real row; the settings refuse
+what cannot work (CUDA graphs without CUDA or without compile)."""
+
+import random
+
+import pytest
+import torch
+
+from deployments.engine.compile import CompileSettings, StepCompiler, bucket_for, decode_buckets
+from deployments.engine.config import EngineConfig
+from deployments.engine.engine import Engine
+from deployments.engine.experts import UnframedBackend
+from deployments.engine.params import SamplingParams
+from deployments.engine.runner import ModelRunner
+from model.checkpoint import load
+from model.errors import ConfigError
+from model.tokenizer import Tokenizer
+
+STEPS = dict(block_size=4, max_num_batched_tokens=24, max_num_seqs=8)
+
+
+def prompts(count: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(rng.randrange(3, 40))] for _ in range(count)]
+
+
+def run(engine: Engine, batch: list[list[int]], n: int = 12) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy tokens and their logprobs; the batch mixes prefill chunks with decode rows (24-token steps)."""
+    done = engine.generate(batch, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=True))
+    return [c.token_ids for c in done], torch.tensor([c.logprobs for c in done])
+
+
+def test_buckets():
+    assert decode_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert decode_buckets(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert decode_buckets(1) == (1,)
+    assert bucket_for(5, (1, 2, 4, 8)) == 8 and bucket_for(9, (1, 2, 4, 8)) is None
+
+
+def test_settings_resolve_per_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert CompileSettings.resolve(None, None, cpu) == CompileSettings(False, False)
+    assert CompileSettings.resolve(None, None, cuda) == CompileSettings(True, True)
+    assert CompileSettings.resolve(True, None, cpu) == CompileSettings(True, False)
+    assert CompileSettings.resolve(True, False, cuda) == CompileSettings(True, False)
+
+
+def test_cuda_graphs_refused_on_the_cpu(scout_ckpt):
+    _, path = scout_ckpt
+    with pytest.raises(ConfigError, match="cuda_graphs needs a CUDA device"):
+        Engine.from_pretrained(path, EngineConfig(compile=True, cuda_graphs=True))
+
+
+def test_compiled_blocks_match_eager(scout_ckpt):
+    """torch.compile (inductor, CPU) of every decoder block, attention and experts left eager."""
+    _, path = scout_ckpt
+    batch = prompts(3, seed=3)
+    eager_tokens, eager_lp = run(Engine.from_pretrained(path, EngineConfig(**STEPS)), batch)
+    engine = Engine.from_pretrained(path, EngineConfig(**STEPS, compile=True))
+    assert engine.runner.compiler is not None and not engine.runner.compiler.step_traceable
+    tokens, lp = run(engine, batch)
+    assert tokens == eager_tokens
+    torch.testing.assert_close(lp, eager_lp, atol=1e-4, rtol=0)
+
+
+def test_padding_to_buckets_changes_no_real_row(scout_ckpt):
+    """The whole-step path (as flex + grouped experts take it) traced by dynamo without codegen:
+    decode batches padded to 1/2/4/8 rows and prefill to token buckets give the eager tokens."""
+    _, path = scout_ckpt
+    batch = prompts(5, seed=4)
+    eager = Engine.from_pretrained(path, EngineConfig(**STEPS))
+    eager_tokens, eager_lp = run(eager, batch)
+    engine = Engine.from_pretrained(path, EngineConfig(**STEPS))
+    r = engine.runner
+    compiler = StepCompiler(CompileSettings(True, False, backend="eager"), engine.kv, 8,
+                            attention_traceable=True, experts_traceable=True)
+    engine.runner = ModelRunner(r.model, r.kv, r.cache, r.experts, r.attention, compiler)
+    padded = []
+    pad = compiler.pad
+    compiler.pad = lambda chunks: padded.append(pad(chunks)) or padded[-1]  # type: ignore[method-assign]
+    tokens, lp = run(engine, batch)
+    assert tokens == eager_tokens
+    torch.testing.assert_close(lp, eager_lp, atol=1e-5, rtol=0)
+    sizes = {len(chunks) for chunks, decode_only in padded if decode_only}
+    assert sizes <= {1, 2, 4, 8} and len(sizes) > 1  # decode batches shrank as requests finished
+    assert any(c.seq.request_id == "padding" for chunks, _ in padded for c in chunks)
+    # padding rows are not counted as expert load: the counters equal the eager engine's
+    torch.testing.assert_close(engine.runner.expert_tokens, eager.runner.expert_tokens)
+
+
+def test_experts_run_elsewhere_never_trace_the_whole_step(scout_ckpt):
+    """flex + grouped in bf16 trace whole with the model's own experts; with experts that run
+    elsewhere (Ray calls, the expert group's exchanges) the step is compiled per block instead."""
+    _, path = scout_ckpt
+
+    class Elsewhere(UnframedBackend):
+        def run(self, layer, x, expert_ids, scores):
+            raise AssertionError("not called: nothing is stepped")
+
+    cfg = EngineConfig(**STEPS, compile=True, attention_backend="flex", expert_kernel="grouped")
+    tok = Tokenizer.from_dir(path)
+    colocated = Engine(load(path, dtype=torch.bfloat16), tok, cfg)
+    assert colocated.runner.compiler is not None and colocated.runner.compiler.step_traceable
+    remote = Engine(load(path, dtype=torch.bfloat16, experts=range(0, 0)), tok, cfg, experts=Elsewhere())
+    assert remote.runner.compiler is not None and not remote.runner.compiler.step_traceable
