@@ -35,6 +35,19 @@ class ExpertsConfig(_Frozen):
     resources_per_shard: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per shard")
     startup_timeout_s: float = Field(600.0, gt=0,
                                      description="how long a router-service replica waits for the shards to load")
+    transport: Literal["collective", "ray"] = Field(
+        "collective",
+        description="collective: replicas and shards form one torch.distributed group (gloo on CPU, NCCL on GPU) and "
+        "exchange each MoE layer's rows in lockstep, each shard running the union of all replicas' rows at once; "
+        "ray: one Ray actor call per shard and MoE layer (slower; needs no ports between pods beyond Ray's)",
+    )
+    micro_batches: int = Field(1, ge=1, le=2, description="collective: split each step in this many micro-batches "
+                               "(2: one's attention runs while the other's experts do)")
+    group_timeout_s: float = Field(30.0, gt=0, description="collective: timeout of every wait in the expert group "
+                                   "(forming it, each exchange); above the longest engine step")
+    idle_poll_s: float = Field(0.02, gt=0, description="collective: how long an idle group waits between steps (the "
+                               "most a request arriving at an idle cluster waits for its first step)")
+
     quantization: str = Field(
         "none", description="none | fp8 | int4: quantize the routed experts at load (each expert shard its own "
         "slice). fp8: e4m3, per-output-channel scales, activations per token; int4: weight-only, group 128, bf16 "

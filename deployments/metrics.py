@@ -41,6 +41,8 @@ class RouterServiceMetrics:
                                      tag_keys=("expert",))
         self._expert_seen: dict[int, int] = {}
         self.missed = Counter("herd_prefix_cache_miss_tokens", "prompt tokens prefilled (no cache hit)")
+        self.group = ExpertGroupMetrics()
+        self._group_seen: dict[str, int] = {}
         self.redis = RedisMetrics()
 
     def record_finished(self, out: RequestOutput) -> None:
@@ -70,6 +72,62 @@ class RouterServiceMetrics:
     def record_dispatch(self, layer: int, shard: int, num_tokens: int, seconds: float) -> None:
         self.expert_tokens.inc(num_tokens, tags={"shard": str(shard)})
         self.dispatch.observe(seconds, tags={"layer": str(layer)})
+
+    def record_group(self, stats) -> None:
+        """The expert group as this replica sees it (collective transport; `CollectiveExperts.stats`)."""
+        self.group.generation.set(stats.generation, tags={"member": "replica"})
+        inc_by_growth(self.group.reforms, self._group_seen, "reforms", stats.reforms, {"member": "replica"})
+        inc_by_growth(self.group.failures, self._group_seen, "failures", stats.failures, {"member": "replica"})
+        for shard, rows in list(stats.rows_sent.items()):
+            inc_by_growth(self.expert_tokens, self._group_seen, f"shard:{shard}", rows, {"shard": str(shard)})
+        waits, stats.wait_s = stats.wait_s, []
+        for seconds in waits:
+            self.group.wait.observe(seconds, tags={"member": "replica"})
+
+
+WAIT_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1]
+ROWS_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+class ExpertGroupMetrics:
+    """The expert group (collective transport), exported by replicas and shards alike (tag `member`)."""
+
+    def __init__(self) -> None:
+        self.generation = Gauge("herd_expert_group_generation", "generation of the expert group this member is in",
+                                tag_keys=("member",))
+        self.reforms = Counter("herd_expert_group_reforms", "expert groups formed after the first",
+                               tag_keys=("member",))
+        self.failures = Counter("herd_expert_group_failures", "group steps failed (a member died or timed out)",
+                                tag_keys=("member",))
+        self.wait = Histogram("herd_expert_collective_wait_seconds", "time a member waits in the group per MoE "
+                              "exchange: a replica for the shards' replies, a shard for the replicas' rows",
+                              boundaries=WAIT_BUCKETS, tag_keys=("member",))
+
+
+class ExpertShardMetrics:
+    """One expert shard's union batches: rows per expert run, from all replicas at once."""
+
+    def __init__(self, shard: str) -> None:
+        self.tags = {"shard": shard}
+        self.group = ExpertGroupMetrics()
+        self.union_rows = Histogram("herd_expert_union_rows", "rows per expert run on a shard (one MoE layer, all "
+                                    "replicas' rows together)", boundaries=ROWS_BUCKETS, tag_keys=("shard",))
+        self.union_calls = Counter("herd_expert_union_calls", "expert runs holding rows of two or more replicas",
+                                   tag_keys=("shard",))
+        self._seen: dict = {}
+
+    def publish(self, stats) -> None:
+        """From `ShardStats` (deployments/expert_group.py), about once a second."""
+        member = {"member": "shard-" + self.tags["shard"]}
+        self.group.generation.set(stats.generation, tags=member)
+        inc_by_growth(self.group.reforms, self._seen, "reforms", max(stats.groups_formed - 1, 0), member)
+        inc_by_growth(self.union_calls, self._seen, "union", stats.union_calls, self.tags)
+        rows, stats.union_rows = stats.union_rows, []
+        for n in rows:
+            self.union_rows.observe(n, tags=self.tags)
+        waits, stats.waits = stats.waits, []
+        for seconds in waits:
+            self.group.wait.observe(seconds, tags=member)
 
 
 class RedisMetrics:

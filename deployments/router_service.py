@@ -12,13 +12,14 @@ from dataclasses import replace
 import ray
 from ray import serve
 
+from deployments.collective_experts import CollectiveExperts
 from deployments.config import ExpertsConfig, HerdConfig
 from deployments.engine.async_engine import AsyncEngine
 from deployments.engine.engine import Engine
 from deployments.engine.output import RequestOutput
 from deployments.engine.params import SamplingParams
 from deployments.engine.sequence import ImageInput
-from deployments.expert_shard import ShardedExperts, get_or_create_pool, wait_for_shards
+from deployments.expert_shard import ShardedExperts, get_or_create_pool, join_expert_group, wait_for_shards
 from deployments.logs import route_to_serve_logs
 from deployments.metrics import RouterServiceMetrics
 from deployments.shared_cache.setup import connect_shared_cache
@@ -57,20 +58,33 @@ class RouterService:
         model = load(cfg.model, device=device, dtype=dtype, experts=range(0, 0) if sharded else None,
                      quantization=quantization)
         self.metrics = RouterServiceMetrics()
-        backend = None
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        backend: ShardedExperts | CollectiveExperts | None = None
         if sharded:
-            def connect(timeout_s: float) -> list[tuple]:  # the shards run in our dtype
-                return wait_for_shards(get_or_create_pool(cfg.model, cfg.experts, cfg.device, dtype,
-                                                                   cfg.engine.expert_kernel), timeout_s)
+            def pool():  # the shards run in our dtype and engine.expert_kernel
+                return get_or_create_pool(cfg.model, cfg.experts, cfg.device, dtype, cfg.engine.expert_kernel)
 
-            backend = ShardedExperts(connect(cfg.experts.startup_timeout_s), on_dispatch=self.metrics.record_dispatch,
-                                     reconnect=lambda: connect(RECONNECT_TIMEOUT_S))
+            def connect(timeout_s: float) -> list[tuple]:
+                return wait_for_shards(pool(), timeout_s)
+
+            shards = connect(cfg.experts.startup_timeout_s)
+            if cfg.experts.transport == "collective":
+                capacity, replica_id = cfg.engine.max_num_batched_tokens, self.replica_id
+                backend = CollectiveExperts(
+                    lambda after: join_expert_group(pool, replica_id, capacity, after, cfg.experts.group_timeout_s),
+                    self.replica_id, device, cfg.experts.idle_poll_s)
+            else:
+                backend = ShardedExperts(shards, on_dispatch=self.metrics.record_dispatch,
+                                         reconnect=lambda: connect(RECONNECT_TIMEOUT_S))
+        self.experts = backend
         engine = Engine(model, Tokenizer.from_dir(cfg.model), cfg.engine, experts=backend)
         self.shared_cache = (connect_shared_cache(cfg.redis, engine, cfg.model, quantization)
                              if cfg.redis else None)
         self.engine = AsyncEngine(engine)
         self._stats_task: asyncio.Task | None = None
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        if engine.lockstep:  # the expert group steps from now on, work or not (Serve runs __init__ on the event loop)
+            self.engine.start()
+            self._stats_task = asyncio.create_task(self._publish_stats())
         log.info("router ready (%s experts, %s)", "sharded" if sharded else "colocated", device)
 
     async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
@@ -110,6 +124,8 @@ class RouterService:
         while True:
             self.metrics.record_stats(self.engine.stats())
             self.metrics.record_expert_tokens(self.engine.expert_tokens())
+            if isinstance(self.experts, CollectiveExperts):
+                self.metrics.record_group(self.experts.stats)
             if self.shared_cache is not None:
                 await self.shared_cache.store.probe()
                 self.metrics.redis.publish(self.shared_cache, self.shared_cache.store)

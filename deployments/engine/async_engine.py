@@ -36,6 +36,7 @@ class RequestFailed(RuntimeError):
 
 class AsyncEngine:
     idle_poll_s = 0.05  # a step that could do nothing waits this long (or for a new request / abort)
+    lockstep_retry_s = 0.5  # a lockstep engine whose idle step failed retries after this long
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -61,8 +62,7 @@ class AsyncEngine:
         if request_id in self._queues:  # checked and claimed with no await in between
             raise InvalidInputError(f"request_id {request_id!r} is already running")
         self.check_admission()
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.create_task(self._run())
+        self.start()
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         added = finished = False
@@ -91,6 +91,12 @@ class AsyncEngine:
                 await self._call(self.engine.abort, request_id)
                 self._wake.set()  # freed blocks may let a waiting request start
 
+    def start(self) -> None:
+        """Start the engine loop now (called from the event loop). A lockstep engine must step from the
+        start, work or not: the other members of its expert group wait for it."""
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._run())
+
     def check_admission(self) -> None:
         """EngineOverloaded at once when engine.max_waiting requests wait already: read off the engine
         thread (which may be busy with a step), so a fast refusal; add_request checks again there."""
@@ -99,11 +105,20 @@ class AsyncEngine:
             raise EngineOverloaded(f"{waiting} requests are already waiting; retry later")
 
     async def _run(self) -> None:
+        lockstep = self.engine.lockstep
         while True:
-            await self._wake.wait()
+            if not lockstep:
+                await self._wake.wait()
             if not await self._call(self.engine.has_unfinished):
                 self._wake.clear()
                 self._idle = True
+                if lockstep:
+                    try:
+                        await self._call(self.engine.idle)
+                    except Exception as e:
+                        log.warning("idle step of the expert backend failed (retrying in %.1f s): %s",
+                                    self.lockstep_retry_s, e)
+                        await asyncio.sleep(self.lockstep_retry_s)
                 continue
             self._idle = False
             before = self.engine.progress()
@@ -115,7 +130,7 @@ class AsyncEngine:
                 continue
             if self.engine.progress() != before:
                 self.heartbeat.beat()
-            else:  # nothing could run: do not spin; a new request or an abort may change that
+            elif not lockstep:  # nothing could run: do not spin; a new request or an abort may change that
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.idle_poll_s)

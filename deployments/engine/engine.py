@@ -77,7 +77,7 @@ class Engine:
             self.kv, model.device)
         experts = experts or ColocatedExperts(model)
         self.runner = ModelRunner(model, self.kv, cache, experts, attention,
-                                 self._compiler(model.device))
+                                 self._compiler(model.device, colocated=isinstance(experts, ColocatedExperts)))
         self.scheduler = Scheduler(self.config, self.kv)
         self.sampler = Sampler()
         self.max_model_len = min(self.config.max_model_len or text.max_position_embeddings,
@@ -90,8 +90,9 @@ class Engine:
         log.info("engine ready: %s; max_model_len %d", ", ".join(f"{g.name} KV {g.num_blocks} blocks x "
                  f"{len(g.layers)} layers" for g in groups), self.max_model_len)
 
-    def _compiler(self, device: torch.device) -> StepCompiler | None:
-        """The step compiler `config.compile` / `cuda_graphs` ask for on `device` (None: eager)."""
+    def _compiler(self, device: torch.device, *, colocated: bool) -> StepCompiler | None:
+        """The step compiler `config.compile` / `cuda_graphs` ask for on `device` (None: eager).
+        Experts run elsewhere (`colocated` False: Ray calls, the expert group's exchanges) never trace."""
         try:
             settings = CompileSettings.resolve(self.config.compile, self.config.cuda_graphs, device)
         except ValueError as e:
@@ -100,7 +101,7 @@ class Engine:
             return None
         backend = resolve_attention_backend(self.config.attention_backend, device)
         kernel = resolve_expert_kernel(self.config.expert_kernel, device, quantized=experts_quantized(self.model))
-        traceable = backend in TRACEABLE_ATTENTION, experts_trace(kernel, self.model.dtype)
+        traceable = backend in TRACEABLE_ATTENTION, colocated and experts_trace(kernel, self.model.dtype)
         if settings.cuda_graphs and not all(traceable):
             log.info("cuda_graphs: attention %s / experts %s in %s do not trace: compiling without CUDA graphs",
                      backend, kernel, self.model.dtype)
@@ -193,6 +194,16 @@ class Engine:
         self.scheduler.finish(state.seq)
         return True
 
+    @property
+    def lockstep(self) -> bool:
+        """The expert backend steps in lockstep with others: the engine must call `idle` whenever it has
+        nothing to run (`AsyncEngine` does)."""
+        return self.runner.experts.lockstep
+
+    def idle(self) -> None:
+        """Nothing to run: let the expert backend take part in its group's step."""
+        self.runner.idle()
+
     def has_unfinished(self) -> bool:
         return bool(self._states)
 
@@ -216,6 +227,7 @@ class Engine:
         request that broke the batch finishes alone with finish_reason "error")."""
         chunks = self.scheduler.schedule()
         if not chunks:
+            self.runner.idle()
             return []
         self.num_steps += 1
         return self._run(chunks)

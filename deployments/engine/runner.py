@@ -7,9 +7,16 @@ for the device until the engine reads the sampled ids.
 The decoder block is the model's own (`model/text.py`); the runner hands each layer an attention
 function over the paged cache (the configured attention backend) and the expert backend that runs
 its routed experts.
+
+A forward pass is framed by the expert backend's `step()`. When the backend asks for two
+micro-batches, the chunks are split in two halves (by tokens) run on two threads: while one half
+waits for its routed experts (on the expert shards), the other computes its attention.
 """
 
 from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -40,19 +47,58 @@ class ModelRunner:
                                          device=model.device)
         self.device = model.device
         self.inv_freq = text_inv_freq(model.cfg.text, self.device)
-        self.inputs = StepInputs(kv, self.device)
+        self.inputs = [StepInputs(kv, self.device)]  # one staging buffer per micro-batch (they run at once)
         self.compiler = compiler
         self._forward_decode = self._forward_prefill = self._forward
         if compiler is not None and compiler.step_traceable:
             self._forward_decode, self._forward_prefill = compiler.compile_step(self._forward)
+        self._helper: ThreadPoolExecutor | None = None  # runs the second micro-batch
+        # made by the first step split in micro-batches (which count experts at once); None until
+        # then, so that a step of one micro-batch counts exactly as before (and traces whole)
+        self._count_lock: threading.Lock | None = None
+
+    def idle(self) -> None:
+        """Nothing to run this step (a lockstep expert backend still takes part in its group's step)."""
+        self.experts.idle()
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits `[num_sampling_chunks, vocab]` (fp32), in the order of the sampling chunks."""
+        with self.experts.step():
+            parts = split_tokens(chunks, self.experts.micro_batches)
+            if len(parts) == 1:
+                with self.experts.micro_batch(0):
+                    return self._logits(chunks, self.inputs[0])
+            while len(self.inputs) < len(parts):
+                self.inputs.append(StepInputs(self.kv, self.device))
+            if self._count_lock is None:
+                self._count_lock = threading.Lock()
+            if self._helper is None:
+                self._helper = ThreadPoolExecutor(max_workers=len(parts) - 1, thread_name_prefix="herd-microbatch")
+            futures = [self._helper.submit(self._micro_batch, i, part) for i, part in enumerate(parts) if i]
+            logits: list[torch.Tensor | None] = []
+            error: BaseException | None = None
+            for run in [lambda: self._micro_batch(0, parts[0]), *(f.result for f in futures)]:
+                try:  # every micro-batch is waited for, even after one failed
+                    logits.append(run())
+                except BaseException as e:
+                    error = error or e
+            if error is not None:
+                raise error
+            return torch.cat([t for t in logits if t is not None])
+
+    @torch.inference_mode()  # the helper thread's micro-batch too
+    def _micro_batch(self, index: int, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
+        with self.experts.micro_batch(index):
+            return self._logits(chunks, self.inputs[index]) if chunks else None
+
+    def _logits(self, chunks: list[ScheduledChunk], inputs: StepInputs) -> torch.Tensor:
+        """One micro-batch (or the whole step): its inputs staged in `inputs`, padded for the compiled
+        step, embedded, through the decoder layers; the logits of its sampling chunks."""
         run, decode_only = chunks, False
         if self.compiler is not None and self.compiler.step_traceable:
             run, decode_only = self.compiler.pad(chunks)  # padding chunks come after the real ones, never sample
-        batch = self.inputs.stage(run)
+        batch = inputs.stage(run)
         layouts = {g.name: self.attention.layout(g, run) for g in self.kv.groups}
         x = self._embed(batch)
         row_weight = torch.zeros(x.shape[0], dtype=torch.long, device=self.device)  # 1 for real rows, 0 padding
@@ -101,7 +147,24 @@ class ModelRunner:
 
         def routed(x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
             weight = row_weight[:, None].expand_as(expert_ids).flatten()
-            self.expert_tokens.scatter_add_(0, expert_ids.flatten(), weight)
+            if self._count_lock is None:
+                self.expert_tokens.scatter_add_(0, expert_ids.flatten(), weight)
+            else:
+                with self._count_lock:  # two micro-batches may count at once
+                    self.expert_tokens.scatter_add_(0, expert_ids.flatten(), weight)
             return self.experts.run(layer, x, expert_ids, scores)
 
         return routed
+
+
+def split_tokens(chunks: list[ScheduledChunk], parts: int) -> list[list[ScheduledChunk]]:
+    """`chunks` in `parts` consecutive groups of about equal tokens (some may be empty); order kept."""
+    if parts <= 1:
+        return [chunks]
+    total = sum(c.num_tokens for c in chunks)
+    out: list[list[ScheduledChunk]] = [[] for _ in range(parts)]
+    seen = 0
+    for c in chunks:
+        out[min(parts - 1, seen * parts // max(total, 1))].append(c)
+        seen += c.num_tokens
+    return out

@@ -1,9 +1,13 @@
 """Bad input on both APIs gets INVALID_ARGUMENT / HTTP 4xx with a message and never hurts a
-replica; a shard killed mid-generation fails its requests with UNAVAILABLE / 503 within seconds,
-restarts, and later requests succeed. Sharded experts give the colocated tokens."""
+replica. Two router-service replicas and two expert shards form one expert group (collective
+transport, gloo): concurrent requests on both replicas give the colocated tokens and the shards run
+union batches; a shard killed mid-generation fails its requests with UNAVAILABLE within 5 s,
+restarts, the group re-forms and later requests give the colocated tokens again; a killed
+router-service replica leaves the group and the other keeps serving."""
 
 import base64
 import json
+import os
 import threading
 import time
 
@@ -32,19 +36,63 @@ def grpc_error(served, request) -> grpc.RpcError:
 
 @pytest.fixture(scope="module")
 def sharded(served):
-    served.deploy(router_service={"num_replicas": 2}, experts={"mode": "sharded", "num_shards": 2})
+    # at most 4 requests per replica: 8 at once must use both (and the shards see both replicas' rows)
+    # (engine.max_waiting must stay below max_ongoing_requests: a burst of 4 may see one refused, retried)
+    served.deploy(router_service={"num_replicas": 2, "max_ongoing_requests": 4}, engine={"max_waiting": 3},
+                  experts={"mode": "sharded", "num_shards": 2, "transport": "collective"})
     return served
+
+
+def pool():
+    from deployments.expert_shard import NAMESPACE, POOL_NAME
+
+    return ray.get_actor(POOL_NAME, namespace=NAMESPACE)
+
+
+def generate_concurrently(served, offline, seeds) -> tuple[dict, dict]:
+    """Greedy requests all at once (spread over the replicas); their tokens and the offline engine's."""
+    want, got = {}, {}
+
+    def one(seed):
+        ids = [offline.tokenizer.bos_id] + [(seed * 37 + i * 11) % 500 + 3 for i in range(20)]
+        req = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=ids), session_id=f"s{seed}",
+                                 sampling=pb.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                got[seed] = [t for c in stub(served).Generate(req, timeout=90) for t in c.token_ids]
+                return
+            except grpc.RpcError as e:  # a burst at a full replica: the engine's fast refusal; retry, as clients do
+                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    threads = [threading.Thread(target=one, args=(seed,)) for seed in seeds]
+    for t in threads:
+        t.start()
+    for seed in seeds:
+        ids = [offline.tokenizer.bos_id] + [(seed * 37 + i * 11) % 500 + 3 for i in range(20)]
+        want[seed] = offline.generate([ids], GREEDY)[0].token_ids
+    for t in threads:
+        t.join(120)
+    return got, want
 
 
 def test_two_routers_two_shards_equal_colocated(sharded, checkpoint):
     offline = Engine.from_pretrained(checkpoint)
-    for seed in range(4):  # several requests, spread over both replicas
-        ids = [offline.tokenizer.bos_id] + [(seed * 37 + i * 11) % 500 + 3 for i in range(20)]
-        want = offline.generate([ids], GREEDY)[0].token_ids
-        req = pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=ids),
-                                 sampling=pb.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-        got = [t for c in stub(sharded).Generate(req, timeout=60) for t in c.token_ids]
-        assert got == want
+    got, want = generate_concurrently(sharded, offline, range(8))
+    assert got == want
+    stats = ray.get(pool().shard_stats.remote())
+    assert all(s["union_calls"] > 0 and s["max_replicas"] == 2 for s in stats), stats  # both replicas' rows at once
+    assert len(ray.get(pool().group.remote())["replicas"]) == 2
+    # exported through ray.util.metrics: the shards' union batches, every member's group generation
+    assert sharded.metric("ray_herd_expert_union_calls_total") > 0
+    # (a replica's gauge is exported from start-up, 0 until it has joined: wait for the joined value)
+    deadline = time.monotonic() + 40
+    while (generations := sharded.metric("ray_herd_expert_group_generation", 'member="replica"')) < 2 \
+            and time.monotonic() < deadline:
+        time.sleep(1)
+    assert generations >= 2  # two replicas, each >= 1
 
 
 @pytest.mark.parametrize("request_kwargs, fragment", [
@@ -97,10 +145,7 @@ def test_still_healthy_after_bad_input(sharded):
 
 
 def test_killed_shard_fails_fast_then_recovers(sharded):
-    from deployments.expert_shard import NAMESPACE, POOL_NAME
-
-    pool = ray.get_actor(POOL_NAME, namespace=NAMESPACE)
-    shard, _ = ray.get(pool.shards_and_ranges.remote())[0]
+    shard, _ = ray.get(pool().shards_and_ranges.remote())[0]
     long = pb.GenerateRequest(text="tell me a long story", sampling=pb.SamplingParams(
         max_tokens=2000, temperature=0, ignore_eos=True))
     errors, started = [], threading.Event()
@@ -115,13 +160,21 @@ def test_killed_shard_fails_fast_then_recovers(sharded):
     thread = threading.Thread(target=consume)
     thread.start()
     assert started.wait(60)
+    pid = ray.get(shard.info.remote())["pid"]  # same machine
     ray.kill(shard, no_restart=False)
+    while True:  # the time of death (ray.kill reaches the process late on a loaded machine)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.01)
     killed = time.perf_counter()
+    generation = ray.get(pool().group.remote())["generation"]
     thread.join(60)
-    assert errors, "the stream should have failed"
+    assert not thread.is_alive() and errors, "the stream should have failed"
     err, when = errors[0]
     assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
-    assert when - killed < 15
+    assert when - killed < 5
     deadline = time.time() + 60
     while True:  # the shard restarts (reloading its experts); then requests succeed again
         try:
@@ -132,6 +185,34 @@ def test_killed_shard_fails_fast_then_recovers(sharded):
             assert e.code() == grpc.StatusCode.UNAVAILABLE and time.time() < deadline
             time.sleep(1)
     assert ok[-1].finish_reason == "length"
+    assert ray.get(pool().group.remote())["generation"] > generation  # re-formed with the restarted shard
+    offline = Engine.from_pretrained(sharded.model_dir)
+    got, want = generate_concurrently(sharded, offline, range(20, 24))
+    assert got == want
+
+
+def test_killed_router_replica_leaves_the_group_and_the_other_serves(sharded, checkpoint):
+    """Last of the expert-group tests: one router-service replica killed; the group re-forms without
+    it (its sockets closed), the other replica serves the colocated tokens, Serve starts a new one."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::herd#RouterService#")]
+    assert len(names) == 2
+    victim = names[0].rsplit("#", 1)[1]
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    offline = Engine.from_pretrained(checkpoint)
+    deadline = time.time() + 120
+    while True:
+        try:
+            got, want = generate_concurrently(sharded, offline, [40])
+            if got == want:
+                break
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e.details()
+        assert time.time() < deadline, "no replica served within 120 s of the kill"
+        time.sleep(1)
+    assert victim not in ray.get(pool().group.remote())["replicas"]
+    got, want = generate_concurrently(sharded, offline, range(41, 45))
+    assert got == want
 
 
 HOSTILE_BODIES = [

@@ -8,7 +8,7 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.config import HerdConfig
+from deployments.config import ExpertsConfig, HerdConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,6 +57,23 @@ def test_one_gpu_runs_the_experts_colocated():
     assert experts_are_sharded(gpu_shards, cluster_gpus=16)
     assert experts_are_sharded(ExpertsConfig(mode="sharded", num_shards=2), cluster_gpus=0)  # CPU shards
     assert not experts_are_sharded(ExpertsConfig(), cluster_gpus=16)  # colocated as configured
+
+
+@pytest.mark.parametrize("experts, field", [
+    ({"transport": "carrier-pigeon"}, "transport"),
+    ({"micro_batches": 3}, "micro_batches"),
+    ({"micro_batches": 0}, "micro_batches"),
+    ({"group_timeout_s": 0}, "group_timeout_s"),
+    ({"idle_poll_s": -1}, "idle_poll_s"),
+])
+def test_bad_expert_group_settings_name_their_field(experts, field):
+    with pytest.raises(ValidationError, match=field):
+        ExpertsConfig.model_validate({"mode": "sharded", **experts})
+
+
+def test_expert_group_defaults():
+    cfg = ExpertsConfig(mode="sharded")
+    assert (cfg.transport, cfg.micro_batches, cfg.group_timeout_s) == ("collective", 1, 30.0)
 
 
 def test_back_pressure_is_consistent_and_reachable():

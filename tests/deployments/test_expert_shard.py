@@ -1,35 +1,49 @@
-"""Expert shards on a real local Ray in bf16 on the CPU: the sharded experts give what the
-colocated ones give (one MoE layer, and greedy generation through the engine). The engine sends
-fp32 gate scores and int64 expert ids whatever the model dtype; the shards must not read them as
-bf16."""
+"""Expert shards on a real local Ray in bf16 on the CPU, placed by the `ExpertPool`. Collective
+transport: two engine replicas (threads of this process) and the two shards form the expert group
+the pool hands out; greedy tokens equal the colocated ones; a shard killed mid-stream fails both
+replicas' steps within 5 s, Ray restarts it, the group re-forms (a new generation) and the next
+requests give the colocated tokens again. Ray transport: one MoE layer equals colocated; fp32 gate
+scores and int64 expert ids are not read as bf16."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 import torch
 
+from deployments.collective_experts import CollectiveExperts
 from deployments.config import ExpertsConfig
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.experts import ColocatedExperts
 from deployments.engine.params import SamplingParams
+from deployments.expert_group import ExpertsUnavailable
 from deployments.expert_shard import (
     NAMESPACE,
     POOL_NAME,
     ShardedExperts,
     from_wire,
     get_or_create_pool,
+    join_expert_group,
     kill_pool,
     to_wire,
     wait_for_shards,
+    wait_until_alive,
 )
 from model.checkpoint import load
 from model.synth import synthesize
 from model.tokenizer import Tokenizer
+from tests.deployments.replicas import run_replicas
 
 DTYPE = torch.bfloat16
+ENGINE = EngineConfig(block_size=4, max_num_batched_tokens=32, max_num_seqs=4, kv_cache_bytes=8 * 2**20)
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+PROMPTS = {"a": [[5, 17, 99, 230, 41, 8], [300, 12, 77, 150]], "b": [[7, 7, 7, 100, 200], [64, 3, 2, 1, 9, 9, 40]]}
+EXPERTS = ExpertsConfig(mode="sharded", num_shards=2, num_cpus_per_shard=1, group_timeout_s=20, idle_poll_s=0.005)
+KERNEL = "grouped"  # the shards' kernel (engine.expert_kernel), not the colocated engines' default
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +66,7 @@ def shards(checkpoint):
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="herd-tests-expert-shard",
              log_to_driver=False)
     try:
-        cfg = ExpertsConfig(mode="sharded", num_shards=2, num_cpus_per_shard=1)
-        yield wait_for_shards(get_or_create_pool(str(checkpoint), cfg, "cpu", DTYPE, kernel="grouped"), timeout_s=300)
+        yield wait_for_shards(get_or_create_pool(str(checkpoint), EXPERTS, "cpu", DTYPE, KERNEL), timeout_s=300)
     finally:
         kill_pool()
         ray.shutdown()
@@ -86,17 +99,84 @@ def test_sharded_bf16_layer_equals_colocated(shards, checkpoint):
         torch.testing.assert_close(got.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
-def test_sharded_bf16_greedy_equals_colocated(shards, checkpoint):
-    cfg = EngineConfig(block_size=4, max_num_batched_tokens=32, max_num_seqs=4, kv_cache_bytes=8 * 2**20)
-    tok = Tokenizer.from_dir(checkpoint)
-    colocated = Engine(load(checkpoint, dtype=DTYPE), tok, cfg)
-    sharded = Engine(load(checkpoint, dtype=DTYPE, experts=range(0, 0)), tok, cfg,
-                     experts=ShardedExperts(shards, timeout_s=120))
-    prompts = [[5, 17, 99, 230, 41, 8], [300, 12, 77, 150]]
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    want = [c.token_ids for c in colocated.generate(prompts, params)]
-    got = [c.token_ids for c in sharded.generate(prompts, params)]
-    assert got == want
+@pytest.fixture(scope="module")
+def colocated(checkpoint):
+    engine = Engine(load(checkpoint, dtype=DTYPE), Tokenizer.from_dir(checkpoint), ENGINE)
+    return {rid: [c.token_ids for c in engine.generate(p, GREEDY)] for rid, p in PROMPTS.items()}
+
+
+def replica(checkpoint, rid: str) -> Engine:
+    """An engine replica in the pool's expert group (as a router-service replica joins it)."""
+    def pool():
+        return get_or_create_pool(str(checkpoint), EXPERTS, "cpu", DTYPE, KERNEL)
+
+    backend = CollectiveExperts(lambda after: join_expert_group(pool, rid, ENGINE.max_num_batched_tokens, after, 60),
+                                rid, idle_poll_s=EXPERTS.idle_poll_s)
+    return Engine(load(checkpoint, dtype=DTYPE, experts=range(0, 0)), Tokenizer.from_dir(checkpoint), ENGINE,
+                  experts=backend)
+
+
+def test_collective_bf16_two_replicas_equal_colocated_with_union_batches(shards, checkpoint, colocated):
+    import ray
+
+    pool = ray.get_actor(POOL_NAME, namespace=NAMESPACE)
+    engines = {rid: replica(checkpoint, rid) for rid in ("a", "b")}
+    assert run_replicas(engines, PROMPTS, GREEDY) == colocated
+    stats = ray.get(pool.shard_stats.remote())
+    assert all(s["union_calls"] > 0 and s["max_replicas"] == 2 for s in stats), stats
+    assert sorted(ray.get(pool.group.remote())["replicas"]) == ["a", "b"]
+
+
+def test_killed_shard_fails_both_replicas_fast_then_the_group_reforms(shards, checkpoint, colocated):
+    import ray
+
+    pool = ray.get_actor(POOL_NAME, namespace=NAMESPACE)
+    engines = {rid: replica(checkpoint, rid) for rid in ("a", "b")}
+    long = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
+    for rid, engine in engines.items():
+        engine.add_request(PROMPTS[rid][0], long)
+    failed: dict = {}
+    stepping = threading.Barrier(3)
+
+    def serve(rid: str) -> None:
+        engine = engines[rid]
+        try:
+            deadline = time.monotonic() + 90
+            while True:  # joins the group (replicas joining at once may need a second generation)
+                try:
+                    engine.step()
+                    break
+                except ExpertsUnavailable:
+                    if time.monotonic() > deadline:
+                        raise
+        finally:
+            stepping.wait(120)
+        try:
+            while True:
+                engine.step()
+        except Exception as e:
+            failed[rid] = (time.perf_counter(), e)
+
+    threads = [threading.Thread(target=serve, args=(rid,)) for rid in engines]
+    for t in threads:
+        t.start()
+    stepping.wait(180)
+    time.sleep(0.5)
+    before = ray.get(pool.group.remote())["generation"]
+    ray.kill(shards[0][0], no_restart=False)
+    killed = time.perf_counter()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a replica hung on the dead shard"
+    assert set(failed) == {"a", "b"}
+    assert all(isinstance(e, ExpertsUnavailable) for _, e in failed.values()), failed
+    assert all(when - killed < 5 for when, _ in failed.values()), {k: w - killed for k, (w, _) in failed.items()}
+    for engine in engines.values():  # the requests of the failed step are given up (the router service fails them)
+        for request_id in list(engine._states):
+            engine.abort(request_id)
+    wait_until_alive([shards[0][0]], 120)  # Ray restarted the shard (it reloaded its experts)
+    assert run_replicas(engines, PROMPTS, GREEDY) == colocated  # re-forms with the restarted shard
+    assert ray.get(pool.group.remote())["generation"] > before
 
 
 def test_kill_pool_kills_shards_placement_group_and_pool(shards):

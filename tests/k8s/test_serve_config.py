@@ -69,6 +69,21 @@ def test_multinode_profile_spreads_shards_over_nodes(renders):
     assert experts["mode"] == "sharded" and experts["placement_strategy"] == "SPREAD"
     router_service = {d["name"]: d for d in app["deployments"]}["RouterService"]
     assert router_service["autoscaling_config"]["min_replicas"] >= 2
+    # the expert group: collective transport, two micro-batches, its NCCL/gloo interface on every Ray container
+    assert (experts["transport"], experts["micro_batches"]) == ("collective", 2)
+    cluster = rayservice(renders["multinode"])["spec"]["rayClusterConfig"]
+    for pod in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        env = {e["name"]: e.get("value") for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "eth0"
+
+
+def test_default_profile_uses_the_collective_expert_group(renders):
+    from deployments.config import HerdConfig
+
+    args = serve_config(renders["default"])["applications"][0]["args"]
+    experts = HerdConfig.model_validate(args).experts
+    assert (experts.mode, experts.transport, experts.micro_batches, experts.group_timeout_s) == \
+        ("sharded", "collective", 1, 30)
 
 
 @pytest.mark.parametrize("case", ["default", "single-gpu", "multinode"])

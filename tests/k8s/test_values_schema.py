@@ -43,6 +43,10 @@ BAD_VALUES = {
                               "/experts/numShards"),
     "pvc without claim": (["--set", "model.source=pvc"], "/model/pvc/claimName"),
     "bad placement strategy": (["--set", "experts.placementStrategy=RANDOM"], "/experts/placementStrategy"),
+    "unknown experts transport": (["--set", "experts.transport=carrier-pigeon"], "/experts/transport"),
+    "three micro-batches": (["--set", "experts.microBatches=3"], "/experts/microBatches"),
+    "zero group timeout": (["--set", "experts.groupTimeoutSeconds=0"], "/experts/groupTimeoutSeconds"),
+    "non-collective env in collectiveEnv": (["--set", "experts.collectiveEnv.HF_TOKEN=x"], "HF_TOKEN"),
     "non-string rayStartParams": (["--set", "head.rayStartParams.num-gpus=0"], "/head/rayStartParams/num-gpus"),
     "container without limits": (["--set", "redis.resources.limits=null"], "/redis/resources"),
 }

@@ -47,6 +47,10 @@ readOnlyRootFilesystem: {{ .Values.raySecurityContext.readOnlyRootFilesystem }}
     secretKeyRef:
       name: {{ include "herd.cacheSecret.name" . }}
       key: {{ include "herd.cacheSecret.key" . }}
+{{- range $name, $value := .Values.experts.collectiveEnv }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
 {{- with .Values.rayExtraEnv }}
 {{ toYaml . }}
 {{- end }}

@@ -48,6 +48,9 @@ applications:
       placement_strategy: {{ $v.experts.placementStrategy }}
       num_gpus_per_shard: {{ $v.experts.gpusPerShard }}
       quantization: {{ $v.experts.quantization | default "none" }}
+      transport: {{ $v.experts.transport | default "collective" }}
+      micro_batches: {{ int ($v.experts.microBatches | default 1) }}
+      group_timeout_s: {{ $v.experts.groupTimeoutSeconds | default 30 }}
     engine:
       max_num_seqs: {{ int $v.limits.maxNumSeqs }}
       max_model_len: {{ int $v.limits.maxModelLen }}

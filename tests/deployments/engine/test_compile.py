@@ -11,9 +11,12 @@ import torch
 from deployments.engine.compile import CompileSettings, StepCompiler, bucket_for, decode_buckets
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
+from deployments.engine.experts import UnframedBackend
 from deployments.engine.params import SamplingParams
 from deployments.engine.runner import ModelRunner
+from model.checkpoint import load
 from model.errors import ConfigError
+from model.tokenizer import Tokenizer
 
 STEPS = dict(block_size=4, max_num_batched_tokens=24, max_num_seqs=8)
 
@@ -85,3 +88,20 @@ def test_padding_to_buckets_changes_no_real_row(scout_ckpt):
     assert any(c.seq.request_id == "padding" for chunks, _ in padded for c in chunks)
     # padding rows are not counted as expert load: the counters equal the eager engine's
     torch.testing.assert_close(engine.runner.expert_tokens, eager.runner.expert_tokens)
+
+
+def test_experts_run_elsewhere_never_trace_the_whole_step(scout_ckpt):
+    """flex + grouped in bf16 trace whole with the model's own experts; with experts that run
+    elsewhere (Ray calls, the expert group's exchanges) the step is compiled per block instead."""
+    _, path = scout_ckpt
+
+    class Elsewhere(UnframedBackend):
+        def run(self, layer, x, expert_ids, scores):
+            raise AssertionError("not called: nothing is stepped")
+
+    cfg = EngineConfig(**STEPS, compile=True, attention_backend="flex", expert_kernel="grouped")
+    tok = Tokenizer.from_dir(path)
+    colocated = Engine(load(path, dtype=torch.bfloat16), tok, cfg)
+    assert colocated.runner.compiler is not None and colocated.runner.compiler.step_traceable
+    remote = Engine(load(path, dtype=torch.bfloat16, experts=range(0, 0)), tok, cfg, experts=Elsewhere())
+    assert remote.runner.compiler is not None and not remote.runner.compiler.step_traceable

@@ -35,6 +35,8 @@ def test_heartbeat_with_a_fake_clock():
 class StuckEngine:
     """An engine whose requests can never be scheduled (what the pinned-blocks deadlock looked like)."""
 
+    lockstep = False  # its experts need no idle steps (Engine.lockstep)
+
     def __init__(self, stuck_after_s: float, max_waiting: int = 10):
         self.config = SimpleNamespace(stuck_after_s=stuck_after_s, max_waiting=max_waiting)
         self.scheduler = SimpleNamespace(waiting=[])

@@ -1,0 +1,270 @@
+"""`CollectiveExperts`: the engine's expert backend over the expert group (deployments/expert_group.py).
+
+Runs on the engine thread (and, with two micro-batches, on the runner's second thread). Each engine
+forward pass is one group step (`step()`); an engine with nothing to run still takes part in the
+group's steps (`idle()`), so replicas with work never wait on one without. When the group fails
+(a shard or a replica died, a timeout) the step raises `ExpertsUnavailable` (its requests fail
+with UNAVAILABLE) and the next step asks the pool for the next generation (`join`) and forms it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from deployments.expert_group import (
+    HEADER,
+    ExpertGroup,
+    ExpertsUnavailable,
+    GroupError,
+    GroupSpec,
+    GroupSuperseded,
+    Wire,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplicaStats:
+    generation: int = -1
+    reforms: int = 0  # groups formed after the first
+    failures: int = 0  # steps failed by the group
+    steps: int = 0
+    idle_steps: int = 0
+    wait_s: list[float] = field(default_factory=list)  # per exchange: time blocked on the shards' replies
+    rows_sent: dict[int, int] = field(default_factory=dict)  # shard -> rows sent to it (all layers)
+
+    def record_wait(self, seconds: float) -> None:
+        if len(self.wait_s) < 10_000:
+            self.wait_s.append(seconds)
+
+
+class _Step:
+    """One group step of this replica: exchanges in the group's order (layer-major, then micro-batch),
+    whichever thread runs which micro-batch; a micro-batch that ends (or fails) early sends empty
+    batches for the layers it has left, so the group stays in lockstep."""
+
+    def __init__(self, owner: CollectiveExperts, group: ExpertGroup):
+        self.owner, self.group = owner, group
+        self.mbs = group.spec.micro_batches
+        self.layer_pos = {layer: i for i, layer in enumerate(group.spec.moe_layers)}
+        self.total = len(group.spec.moe_layers) * self.mbs
+        self.turn = 0
+        self.done: set[int] = set()
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+
+    def _skip_done(self) -> None:
+        while self.turn < self.total and self.turn % self.mbs in self.done:
+            layer = self.group.spec.moe_layers[self.turn // self.mbs]
+            self.owner._post(self.group, layer, self.turn % self.mbs, None)
+            self.turn += 1
+
+    def exchange(self, mb: int, layer: int, x, ids, scores) -> torch.Tensor:
+        t = self.layer_pos[layer] * self.mbs + mb
+        with self.cond:
+            while self.turn != t and self.error is None:
+                if self.turn > t or not self.cond.wait(self.group.spec.timeout_s):
+                    self.error = GroupError(f"micro-batch {mb} lost its turn at MoE layer {layer}")
+            if self.error is not None:
+                raise ExpertsUnavailable(f"expert group step failed: {self.error}")
+            try:
+                posted = self.owner._post(self.group, layer, mb, (x, ids, scores))
+                self.turn += 1
+                self._skip_done()
+            except GroupError as e:
+                self.error = e
+                raise
+            finally:
+                self.cond.notify_all()
+        return self.owner._complete(self.group, layer, x, posted)
+
+    def finish(self, mb: int) -> None:
+        with self.cond:
+            self.done.add(mb)
+            if self.error is None:
+                try:
+                    self._skip_done()
+                except GroupError as e:
+                    self.error = e
+            self.cond.notify_all()
+
+
+class CollectiveExperts:
+    """`ExpertBackend` for a router-service replica in the expert group.
+
+    `join(after_generation)` returns the spec of a generation newer than `after_generation` that
+    includes this replica (the pool's `join`; raises ExpertsUnavailable while it cannot)."""
+
+    lockstep = True
+
+    def __init__(self, join: Callable[[int], GroupSpec], replica_id: str, device: torch.device | str = "cpu",
+                 idle_poll_s: float = 0.02):
+        self.join = join
+        self.replica_id = replica_id
+        self.device = torch.device(device)
+        self.idle_poll_s = idle_poll_s
+        self.group: ExpertGroup | None = None
+        self.last_generation = -1
+        self.stats = ReplicaStats()
+        self._step: _Step | None = None
+        self._local = threading.local()
+        self._bufs: dict = {}
+
+    # ---- group membership ----------------------------------------------------------------
+    @property
+    def micro_batches(self) -> int:
+        return self.group.spec.micro_batches if self.group is not None else 1
+
+    def _connect(self) -> ExpertGroup:
+        for attempt in range(3):
+            spec = self.join(self.last_generation)
+            try:
+                group = ExpertGroup(spec, spec.replica_rank(self.replica_id), self.device)
+                break
+            except GroupSuperseded as e:  # replicas joining at once: the newest generation has everyone
+                self.last_generation = spec.generation
+                if attempt == 2:
+                    raise ExpertsUnavailable(str(e)) from e
+            except GroupError as e:
+                self.last_generation = spec.generation
+                raise ExpertsUnavailable(str(e)) from e
+        if self.stats.generation >= 0:
+            self.stats.reforms += 1
+        self.stats.generation = self.last_generation = spec.generation
+        wire = Wire(spec)
+        self._bufs = {"wire": wire, "send": [[wire.buffer(self.device) for _ in spec.shards]
+                                             for _ in range(spec.micro_batches)]}
+        self.group = group
+        return group
+
+    def _break(self, error: BaseException) -> None:
+        """The group failed: leave it (our peers fail at once too); the next step joins a newer one."""
+        if self.group is not None:
+            log.warning("expert group generation %d failed: %s", self.group.spec.generation, error)
+            self.group.close(error)
+            self.group = None
+        self.stats.failures += 1
+
+    def _begin(self, active: bool) -> tuple[ExpertGroup, list[int]]:
+        for _ in range(3):
+            group = self.group or self._connect()
+            try:
+                replicas, reform = group.begin(active=active)
+            except GroupError as e:
+                self._break(e)
+                raise ExpertsUnavailable(f"expert group unavailable: {e}") from e
+            if not reform:
+                return group, replicas
+            log.info("expert group generation %d: re-forming", group.spec.generation)
+            group.close()  # everyone leaves at this step boundary: nothing fails
+            self.group = None
+        raise ExpertsUnavailable("the expert group re-formed three times in a row")
+
+    # ---- the engine's side -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """One engine forward pass = one group step (raises ExpertsUnavailable when the group cannot run it)."""
+        group, _ = self._begin(active=True)
+        step = self._step = _Step(self, group)
+        self.stats.steps += 1
+        try:
+            yield
+        finally:
+            self._step = None
+            for mb in range(step.mbs):
+                step.finish(mb)
+            if step.error is not None:
+                self._break(step.error)
+                raise ExpertsUnavailable(f"expert group step failed: {step.error}") from step.error
+
+    @contextlib.contextmanager
+    def micro_batch(self, mb: int) -> Iterator[None]:
+        """Run (in this thread) the model over micro-batch `mb` of the current step."""
+        self._local.mb = mb
+        try:
+            yield
+        finally:
+            self._local.mb = 0
+            if self._step is not None:
+                self._step.finish(mb)
+
+    def idle(self) -> None:
+        """Take part in one group step with no rows; sleep a little when no replica has work."""
+        _, replicas = self._begin(active=False)
+        self.stats.idle_steps += 1
+        if not replicas:
+            time.sleep(self.idle_poll_s)
+
+    def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = self._step
+        if step is None:
+            raise RuntimeError("CollectiveExperts.run outside step(): the engine runner opens one per forward pass")
+        try:
+            return step.exchange(getattr(self._local, "mb", 0), layer, x, expert_ids, scores)
+        except GroupError as e:
+            step.error = step.error or e
+            raise ExpertsUnavailable(f"expert group failed at MoE layer {layer}: {e}") from e
+
+    # ---- one exchange ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _post(self, group: ExpertGroup, layer: int, mb: int, rows) -> list:
+        """Send each shard its rows of `layer` (`rows` None: none), post the receives of the replies."""
+        spec, wire = group.spec, self._bufs["wire"]
+        nccl = spec.backend == "nccl"
+        posted = []
+        for s, (start, stop) in enumerate(spec.shards):
+            buf = self._bufs["send"][mb][s]
+            if rows is None:
+                idx, n = None, 0
+            else:
+                x, ids, scores = rows
+                idx = ((ids >= start) & (ids < stop)).any(dim=1).nonzero().squeeze(1)
+                n = idx.numel()
+                self.stats.rows_sent[s] = self.stats.rows_sent.get(s, 0) + n
+                if n > wire.capacity:
+                    raise GroupError(f"{n} rows for one shard exceed the group's capacity of {wire.capacity}")
+            wire.header(buf).copy_(torch.tensor([n, layer, group.steps, mb], dtype=torch.int64))
+            if n:
+                xv, iv, sv = wire.views(buf, n)
+                torch.index_select(x, 0, idx, out=xv)
+                iv.copy_(ids.index_select(0, idx))
+                sv.copy_(scores.index_select(0, idx))
+            if nccl:
+                sends = [group.send(buf[: HEADER * 8], s, mb)]
+                if n:
+                    sends.append(group.send(buf[HEADER * 8 : wire.nbytes(n)], s, mb))
+            else:
+                sends = [group.send(buf[: wire.nbytes(n)], s, mb)]
+            reply = recv = None
+            if n:
+                reply = torch.empty(n, spec.hidden_size, dtype=spec.dtype, device=self.device)
+                recv = group.recv(reply, s, mb)
+            posted.append((sends, idx, reply, recv))
+        for sends, *_ in posted:
+            for w in sends:
+                group.wait(w, f"sending rows of MoE layer {layer}")
+        return posted
+
+    @torch.inference_mode()
+    def _complete(self, group: ExpertGroup, layer: int, x: torch.Tensor, posted: list) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = torch.zeros_like(x)
+        for _, idx, reply, recv in posted:
+            if recv is not None:
+                group.wait(recv, f"waiting for the experts of MoE layer {layer}")
+                out.index_add_(0, idx, reply)
+        self.stats.record_wait(time.perf_counter() - t0)
+        return out
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
+            self.group = None
