@@ -12,6 +12,8 @@ int4 expert GEMMs, and it runs in the same check and lands in the same JSON):
   and 64 and their fraction of the HBM roofline (weight bytes touched per step / peak bandwidth).
 - `prefill`: one 8k-token prompt, MFU against the device's dense bf16 peak.
 - `transformers`: `Llama4ForCausalLM.generate` on the same weight tensors (shared, not copied), batch 1.
+- `quantized_experts`: FP8 and int4 routed-expert GEMMs against bf16 on a Scout-shaped MoE layer
+  (bench/quant_gpu_check.py): tokens/s, HBM roofline fraction of the quantized bytes, speed-up.
 
     python bench/gpu_check.py                       # on the GPU: Scout-shaped, 4 layers
     python bench/gpu_check.py --device cpu --tiny   # the dry run CI runs (tiny model, seconds)
@@ -323,6 +325,26 @@ def transformers_generate(check: Check) -> dict:
         note = f"herd batch 1 = {res['herd_over_transformers']:.1f}x transformers (target 50x)"
     check.row("transformers generate, batch 1", f"{tps:.1f} tokens/s", note)
     return res
+
+
+@section("quantized_experts")
+def quantized_experts(check: Check) -> dict:
+    """FP8 and int4 routed-expert GEMMs against bf16 on one Scout-shaped MoE layer (tiny with
+    `--tiny`): tokens/s, fraction of the HBM roofline of the quantized bytes, speed-up over bf16,
+    error against each format's own dequantized math (bench/quant_gpu_check.py)."""
+    from bench import quant_gpu_check as quant
+
+    shape = quant.TINY if check.args.tiny else quant.SCOUT
+    tbps = check.bandwidth_gbs / 1000 if check.bandwidth_gbs else None
+    rows = quant.run(check.device, shape, check.args.batches, 2 if check.device == "cpu" else 50, tbps)
+    for r in rows:
+        roof = f"{r['roofline']:.0%} of HBM roofline, " if r["roofline"] is not None else ""
+        check.row(f"experts {r['format']} ({r['kernel']}), batch {r['batch']}", f"{r['tokens_per_s']:.0f} tokens/s",
+                  f"{roof}{r['speedup_vs_bf16']:.2f}x bf16, rel err {r['rel_error']:.4f}")
+    bad = [r for r in rows if r["rel_error"] > (0.05 if r["format"] != "bf16" else 0.01)]
+    if bad:
+        raise RuntimeError(f"quantized experts off their own dequantized math: {bad}")
+    return {"rows": rows}
 
 
 # ---- the run -----------------------------------------------------------------------------------

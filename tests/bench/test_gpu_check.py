@@ -12,7 +12,7 @@ def test_dry_run_on_the_cpu(tmp_path):
                "--prefill-len", "32", "--parity-tokens", "4", "--kv-cache-mb", "32", "--out", str(tmp_path)])
     assert rc == 0
     result = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert list(SECTIONS) == ["parity", "decode", "prefill", "transformers"]
+    assert list(SECTIONS) == ["parity", "decode", "prefill", "transformers", "quantized_experts"]
     for name in ("tiny-scout", "tiny-maverick"):
         parity = result["parity"][name]
         assert parity["fast_fp32_tokens_equal_reference"] and parity["fast_fp32_tokens_equal_transformers"]
@@ -21,6 +21,8 @@ def test_dry_run_on_the_cpu(tmp_path):
     assert result["decode"]["1"]["tokens_per_s"] > 0 and result["decode"]["2"]["weight_bytes_per_step"] > 0
     assert result["prefill"]["tokens"] == 32 and result["prefill"]["tflops"] > 0
     assert result["transformers"]["decode_tokens_per_s_batch1"] > 0
+    formats = {(r["format"], r["batch"]) for r in result["quantized_experts"]["rows"]}
+    assert formats == {(f, b) for f in ("bf16", "fp8", "int4") for b in (1, 2)}
     row = (tmp_path / "gpu_check_row.md").read_text()
     assert "| decode batch 1 |" in row and "| transformers generate, batch 1 |" in row
 
