@@ -16,7 +16,7 @@ import pytest
 
 from deployments.auth import add_key, revoke_key
 from deployments.pb import herd_pb2 as pb
-from deployments.pb import herd_pb2_grpc
+from tests.cluster.grpc_client import stub
 
 CHUNK = 16
 
@@ -46,10 +46,6 @@ def deploy(served, redis_server, **auth) -> None:
 def app(served, redis_server, keys):
     deploy(served, redis_server, keys_file=str(keys[0]))
     return served
-
-
-def stub(served):
-    return herd_pb2_grpc.HerdStub(grpc.insecure_channel(served.grpc))
 
 
 def bearer(key: str) -> list[tuple[str, str]]:

@@ -19,13 +19,9 @@ import ray
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
 from deployments.pb import herd_pb2 as pb
-from deployments.pb import herd_pb2_grpc
+from tests.cluster.grpc_client import Stream, stub
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-def stub(served):
-    return herd_pb2_grpc.HerdStub(grpc.insecure_channel(served.grpc))
 
 
 def grpc_error(served, request) -> grpc.RpcError:
@@ -284,27 +280,6 @@ def _victim_request(request_id: str = "") -> pb.GenerateRequest:
                               sampling=pb.SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
 
 
-class Stream(threading.Thread):
-    """A gRPC stream consumed in the background: its responses, or the error it ended with."""
-
-    def __init__(self, served, request):
-        super().__init__(daemon=True)
-        self.served, self.request = served, request
-        self.responses, self.error, self.started = [], None, threading.Event()
-
-    def run(self):
-        try:
-            for r in stub(self.served).Generate(self.request, timeout=90):
-                self.responses.append(r)
-                self.started.set()
-        except grpc.RpcError as e:
-            self.error = e
-        self.started.set()
-
-    def tokens(self) -> list[int]:
-        return [t for r in self.responses for t in r.token_ids]
-
-
 @pytest.fixture(scope="module")
 def victim_alone(sharded):
     return [t for r in stub(sharded).Generate(_victim_request(), timeout=60) for t in r.token_ids]
@@ -317,7 +292,7 @@ def victim_alone(sharded):
     ("/v1/completions", {"prompt": "hi\udcff"}, "prompt"),
 ])
 def test_hostile_values_get_400_and_never_hurt_another_stream(sharded, victim_alone, path, body, field):
-    victim = Stream(sharded, _victim_request())
+    victim = Stream(sharded, _victim_request(), timeout_s=90)
     victim.start()
     assert victim.started.wait(60)
     raw = json.dumps({**body, "max_tokens": 8, "session_id": SESSION})  # ASCII: the surrogate stays an escape
@@ -333,7 +308,7 @@ def test_hostile_values_get_400_and_never_hurt_another_stream(sharded, victim_al
 def test_equal_client_request_ids_never_collide(sharded, victim_alone):
     """Clients numbering their requests "1", "2", ... reuse each other's ids: both requests run and
     each echoes its id (the engine keys them with ids of its own)."""
-    first = Stream(sharded, _victim_request(request_id="1"))
+    first = Stream(sharded, _victim_request(request_id="1"), timeout_s=90)
     first.start()
     assert first.started.wait(60)
     second = list(stub(sharded).Generate(_victim_request(request_id="1"), timeout=60))

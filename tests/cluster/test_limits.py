@@ -12,7 +12,7 @@ import pytest
 from ray import serve
 
 from deployments.pb import herd_pb2 as pb
-from deployments.pb import herd_pb2_grpc
+from tests.cluster.grpc_client import Stream, stub
 
 # One router-service replica that runs one sequence and queues one: 3 ongoing at most (so the
 # engine's own refusal is reachable), 1 more waiting in the Ingress's handle, the rest refused.
@@ -24,28 +24,8 @@ VICTIM = pb.GenerateRequest(text="tell me a long story",
                             sampling=pb.SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
 
 
-def stub(served):
-    return herd_pb2_grpc.HerdStub(grpc.insecure_channel(served.grpc))
-
-
 def tokens(responses) -> list[int]:
     return [t for r in responses for t in r.token_ids]
-
-
-class Stream(threading.Thread):
-    def __init__(self, served, request):
-        super().__init__(daemon=True)
-        self.served, self.request = served, request
-        self.responses, self.error, self.started = [], None, threading.Event()
-
-    def run(self):
-        try:
-            for r in stub(self.served).Generate(self.request, timeout=120):
-                self.responses.append(r)
-                self.started.set()
-        except grpc.RpcError as e:
-            self.error = e
-        self.started.set()
 
 
 @pytest.fixture(scope="module")
