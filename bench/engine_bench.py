@@ -110,6 +110,24 @@ def generate_timed(engine: Engine, prompts: list[list[int]], new_tokens: int, de
     return time.perf_counter() - start, step_times, [tokens[r] for r in rids]
 
 
+def time_engine_decode(engine: Engine, prompts: list[list[int]], new_tokens: int, device: str) -> float:
+    """Decode tokens/s: time from the first generated token to the last, over all requests (what
+    bench/dispatch_bench.py compares between expert transports)."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    for p in prompts:
+        engine.add_request(p, params)
+    while not any(engine.step()):  # prefill until every request has its first token
+        pass
+    while engine.scheduler.waiting:
+        engine.step()
+    sync(device)
+    start, generated = time.perf_counter(), 0
+    while engine.has_unfinished():
+        generated += len(engine.step())
+    sync(device)
+    return generated / (time.perf_counter() - start)
+
+
 def count_ops(engine: Engine, prompts: list[list[int]]) -> dict:
     """Profile one decode step of `len(prompts)` sequences: aten ops called from Python, attention
     calls (SDPA + compiled regions, see step_ops.py) and host-sync ops/calls."""
