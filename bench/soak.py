@@ -489,7 +489,8 @@ def report_soak(args, results: list[Result], faults: dict, rss_samples, idle: di
 
 # The engine holds max_num_seqs + max_waiting = the router service's max_ongoing_requests, 4 more
 # wait in the Ingress's handle: 12 accepted. The Ingress's own Serve limits are the door: beyond them
-# Serve's proxy refuses before any work (no body read, no tokenizing).
+# Serve's proxy refuses before any work (no body read, no tokenizing); past the door the Ingress
+# refuses beyond its share of the router service (12) before tokenizing.
 OVERLOAD_CONFIG = dict(
     ingress={"max_ongoing_requests": 12, "max_queued_requests": 2},
     router_service={"num_replicas": 1, "max_ongoing_requests": 8, "max_queued_requests": 4},
@@ -535,7 +536,9 @@ async def overload(args, clients: Clients, capacity: int) -> bool:
     if times:
         print(f"  time to refusal: p50 {percentile(times, 50) * 1000:.0f} ms, p99 {percentile(times, 99) * 1000:.0f} "
               f"ms, max {max(times) * 1000:.0f} ms; at or over {REFUSAL_BUDGET_S * 1000:.0f} ms: {len(slow)}")
-    def source(r: Result) -> str:  # the Ingress's message quotes Serve's, so it is matched first
+    def source(r: Result) -> str:  # the Ingress's messages quote Serve's, so they are matched first
+        if "requests of this Ingress replica" in r.message:
+            return "the Ingress (its share of the router service is taken: refused before any work)"
         if "the cluster is at capacity" in r.message:
             return "the Ingress (the router service's queue is full)"
         if "already waiting" in r.message:
