@@ -65,7 +65,8 @@ class Tokenizer:
         return [1] + [5] * len(text.split())
 
 
-METHODS = ("stream", "_stream", "_prompt", "_off_loop", "_timeout", "_with_images", "_check_message_size", "_grpc_request")
+METHODS = ("stream", "_stream", "_prompt", "_off_loop", "_timeout", "_with_images", "_check_message_size",
+           "_grpc_request")
 
 
 def replica(tokenizer=None, router=None, **limits) -> SimpleNamespace:
