@@ -237,6 +237,9 @@ class CollectiveExperts:
                     raise GroupError(f"{n} rows for one shard exceed the group's capacity of {wire.capacity}")
             if solo and not n and not last:
                 continue
+            if n and not nccl:  # the receive first: gloo tells the shard, and its reply goes out at once
+                reply = torch.empty(n, spec.hidden_size, dtype=spec.dtype, device=self.device)
+                posted.append((idx, reply, group.recv(reply, s, mb)))
             buf = self._bufs["send"][mb][s]
             wire.header(buf).copy_(torch.tensor([n, layer, group.steps, mb], dtype=torch.int64))
             if n:
@@ -250,7 +253,7 @@ class CollectiveExperts:
                     sends.append(group.send(buf[HEADER * 8 : wire.nbytes(n)], s, REQUEST_TAG))
             else:
                 sends.append(group.send(buf[: wire.nbytes(n)], s, REQUEST_TAG))
-            if n:  # after the send: on NCCL a receive from a peer would hold up the send to it
+            if n and nccl:  # after the send: on NCCL a receive from a peer would hold up the send to it
                 reply = torch.empty(n, spec.hidden_size, dtype=spec.dtype, device=self.device)
                 posted.append((idx, reply, group.recv(reply, s, mb)))
         for w in sends:

@@ -294,6 +294,7 @@ def serve_shard_steps(group: ExpertGroup, experts: dict, stats: ShardStats, refo
     wire = Wire(spec)
     bufs = [wire.buffer(group.device) for _ in spec.replicas]
     turns = [(layer, mb) for layer in spec.moe_layers for mb in range(spec.micro_batches)]
+    gloo = spec.backend == "gloo"
     while True:
         active, reform = group.begin(reform=reform_requested())
         if reform:
@@ -304,9 +305,10 @@ def serve_shard_steps(group: ExpertGroup, experts: dict, stats: ShardStats, refo
         if len(active) == 1:
             _serve_solo_step(group, wire, bufs, active[0], turns, experts, stats)
             continue
-        for layer, mb in turns:  # every active replica sends one message per turn, possibly empty
+        sources, posted = [(bufs[r], r) for r in active], None
+        for i, (layer, mb) in enumerate(turns):  # every active replica sends one message per turn, possibly empty
             t0 = time.perf_counter()
-            _receive(group, wire, [(bufs[r], r) for r in active], layer, stats)
+            _receive(group, wire, sources, layer, stats, posted)
             if len(stats.waits) < 10_000:
                 stats.waits.append(time.perf_counter() - t0)
             parts = []
@@ -314,7 +316,8 @@ def serve_shard_steps(group: ExpertGroup, experts: dict, stats: ShardStats, refo
                 n, got = _check(group, wire, bufs[r], r, expected=(layer, mb))
                 if n:
                     parts.append((r, n))
-            _run_experts(group, wire, bufs, parts, layer, mb, experts, stats)
+            posted = _run_experts(group, wire, bufs, parts, layer, mb, experts, stats,
+                                  sources if gloo and i + 1 < len(turns) else None)
 
 
 def _serve_solo_step(group: ExpertGroup, wire: Wire, bufs: list[torch.Tensor], r: int, turns: list, experts: dict,
@@ -322,29 +325,39 @@ def _serve_solo_step(group: ExpertGroup, wire: Wire, bufs: list[torch.Tensor], r
     """A step with one active replica: it sends a message only for the turns (layer, micro-batch) it
     has rows for here, and always for the last turn, which ends the step (no union to wait for, so no
     lockstep needed; messages of one pair arrive in the order they were sent)."""
-    last, position, buf = turns[-1], -1, bufs[r]
+    last, position, sources, posted = turns[-1], -1, [(bufs[r], r)], None
+    gloo = group.spec.backend == "gloo"
     while True:
         t0 = time.perf_counter()
-        _receive(group, wire, [(buf, r)], "a solo step", stats)
+        _receive(group, wire, sources, "a solo step", stats, posted)
         if len(stats.waits) < 10_000:
             stats.waits.append(time.perf_counter() - t0)
-        n, (layer, mb) = _check(group, wire, buf, r, expected=None)
+        n, (layer, mb) = _check(group, wire, bufs[r], r, expected=None)
         turn = turns.index((layer, mb)) if (layer, mb) in turns else -1
         if turn <= position:
             raise GroupError(f"expert group out of step: replica {r} sent layer {layer} micro-batch {mb} after turn "
                              f"{turns[position] if position >= 0 else None} of a step it runs alone")
         position = turn
-        if n:
-            _run_experts(group, wire, bufs, [(r, n)], layer, mb, experts, stats)
+        posted = _run_experts(group, wire, bufs, [(r, n)] if n else [], layer, mb, experts, stats,
+                              sources if gloo and (layer, mb) != last else None)
         if (layer, mb) == last:
             return
 
 
-def _receive(group: ExpertGroup, wire: Wire, sources: list[tuple[torch.Tensor, int]], layer, stats: ShardStats) -> None:
-    """One message from each replica index in `sources` into its buffer (posted at once, then waited for)."""
-    first_replica = len(group.spec.shards)
+def _post_receives(group: ExpertGroup, sources: list[tuple[torch.Tensor, int]], stats: ShardStats) -> list:
+    """gloo: post a receive of one message from each replica index in `sources` into its buffer."""
     stats.messages += len(sources)
+    first_replica = len(group.spec.shards)
+    return [group.recv(buf, first_replica + r, REQUEST_TAG) for buf, r in sources]
+
+
+def _receive(group: ExpertGroup, wire: Wire, sources: list[tuple[torch.Tensor, int]], layer, stats: ShardStats,
+             posted: list | None = None) -> None:
+    """One message from each replica index in `sources` into its buffer (posted at once, then waited
+    for); `posted`: their gloo receives, already posted (`_post_receives`)."""
     if group.spec.backend == "nccl":  # NCCL receives need the exact size: the header first, then the rows
+        first_replica = len(group.spec.shards)
+        stats.messages += len(sources)
         for buf, r in sources:
             group.wait(group.recv(buf[: HEADER * 8], first_replica + r, REQUEST_TAG), "header")
         works = []
@@ -353,7 +366,7 @@ def _receive(group: ExpertGroup, wire: Wire, sources: list[tuple[torch.Tensor, i
             if 0 < n <= wire.capacity:
                 works.append(group.recv(buf[HEADER * 8 : wire.nbytes(n)], first_replica + r, REQUEST_TAG))
     else:
-        works = [group.recv(buf, first_replica + r, REQUEST_TAG) for buf, r in sources]
+        works = posted if posted is not None else _post_receives(group, sources, stats)
     for w in works:
         group.wait(w, f"receiving rows of MoE layer {layer}")
 
@@ -370,17 +383,21 @@ def _check(group: ExpertGroup, wire: Wire, buf: torch.Tensor, r: int, expected) 
 
 
 def _run_experts(group: ExpertGroup, wire: Wire, bufs: list, parts: list[tuple[int, int]], layer: int, mb: int,
-                 experts: dict, stats: ShardStats) -> None:
+                 experts: dict, stats: ShardStats, next_sources: list | None = None) -> list | None:
     """Run this shard's experts of `layer` once on the rows of `parts` ((replica index, rows)) and send
-    each replica its part."""
+    each replica its part. The gloo receives of the next turn's messages (`next_sources`) are posted
+    once the rows are read and before the replies go out: gloo's receiver tells the sender that its
+    receive is posted, and that notice then reaches the replica ahead of the reply, so the replica's
+    next send goes out at once instead of waiting for it. Returns those receives."""
     if not parts:
-        return
+        return _post_receives(group, next_sources, stats) if next_sources else None
     views = [wire.views(bufs[r], n) for r, n in parts]
     if len(views) == 1:
         x, ids, scores = views[0]
     else:
         x, ids, scores = (torch.cat(v) for v in zip(*views, strict=True))
-    out = experts[layer](x, ids.long(), scores)
+    out = experts[layer](x, ids.long(), scores)  # a new tensor: the buffers can take the next messages
+    posted = _post_receives(group, next_sources, stats) if next_sources else None
     first_replica = len(group.spec.shards)
     sends, start = [], 0
     for r, n in parts:
@@ -389,6 +406,7 @@ def _run_experts(group: ExpertGroup, wire: Wire, bufs: list, parts: list[tuple[i
     for w in sends:
         group.wait(w, f"returning rows of MoE layer {layer}")
     stats.record(start, len(parts))
+    return posted
 
 
 def serve_shard_generation(spec: GroupSpec, rank: int, experts: dict, stats: ShardStats, reform_requested,
