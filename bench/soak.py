@@ -489,7 +489,8 @@ def report_soak(args, results: list[Result], faults: dict, rss_samples, idle: di
 
 # The engine holds max_num_seqs + max_waiting = the router service's max_ongoing_requests, 4 more
 # wait in the Ingress's handle: 12 accepted. The Ingress's own Serve limits are the door: beyond them
-# Serve's proxy refuses before any work (no body read, no tokenizing).
+# Serve's proxy refuses before any work (no body read, no tokenizing); past the door the Ingress
+# refuses beyond its share of the router service (12) before tokenizing.
 OVERLOAD_CONFIG = dict(
     ingress={"max_ongoing_requests": 12, "max_queued_requests": 2},
     router_service={"num_replicas": 1, "max_ongoing_requests": 8, "max_queued_requests": 4},
@@ -535,7 +536,9 @@ async def overload(args, clients: Clients, capacity: int) -> bool:
     if times:
         print(f"  time to refusal: p50 {percentile(times, 50) * 1000:.0f} ms, p99 {percentile(times, 99) * 1000:.0f} "
               f"ms, max {max(times) * 1000:.0f} ms; at or over {REFUSAL_BUDGET_S * 1000:.0f} ms: {len(slow)}")
-    def source(r: Result) -> str:  # the Ingress's message quotes Serve's, so it is matched first
+    def source(r: Result) -> str:  # the Ingress's messages quote Serve's, so they are matched first
+        if "requests of this Ingress replica" in r.message:
+            return "the Ingress (its share of the router service is taken: refused before any work)"
         if "the cluster is at capacity" in r.message:
             return "the Ingress (the router service's queue is full)"
         if "already waiting" in r.message:
@@ -570,7 +573,8 @@ def main() -> int:
     p.add_argument("--http", default="http://127.0.0.1:8000", help="HTTP endpoint of a running cluster")
     p.add_argument("--grpc", default="127.0.0.1:9000", help="gRPC endpoint of a running cluster")
     p.add_argument("--metrics", default="http://127.0.0.1:8080/metrics", help="Ray's Prometheus endpoint")
-    p.add_argument("--api-key", default=os.environ.get("HERD_API_KEY"), help="API key (default: $HERD_API_KEY)")
+    p.add_argument("--api-key", help="API key (default: $HERD_API_KEY, else the admin key of the cluster that "
+                   "--start or this machine's `herd up` made)")
     p.add_argument("--duration", type=float, default=600, help="soak seconds (default 600)")
     p.add_argument("--clients", type=int, default=64, help="concurrent streaming clients (default 64)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request: between half this and this")
@@ -600,6 +604,17 @@ def main() -> int:
     return asyncio.run(run(args))
 
 
+def api_key(explicit: str | None, cluster: Cluster | None) -> str | None:
+    """--api-key, else $HERD_API_KEY, else the admin key `herd up` made (the started cluster's, or
+    this machine's), as `herd chat` finds it; None when auth is off and no key exists."""
+    from cluster.keys import API_KEY_ENV, client_api_key
+
+    if cluster is None:
+        return client_api_key(explicit)
+    admin = cluster.home / "admin-key"
+    return explicit or os.environ.get(API_KEY_ENV) or (admin.read_text().strip() if admin.is_file() else None)
+
+
 async def run(args) -> int:
     cluster = None
     if args.start:
@@ -617,6 +632,7 @@ async def run(args) -> int:
                 from cluster.launcher import state_file
 
                 fault_env = dict(os.environ) if state_file().is_file() else None  # faults need herd up's state
+            args.api_key = api_key(args.api_key, cluster)
             clients = Clients(args.http, args.grpc, args.api_key, args.request_timeout, args.clients)
             try:
                 ok &= await soak(args, clients, args.metrics, fault_env, str(cluster.home) if cluster else None)
@@ -630,6 +646,7 @@ async def run(args) -> int:
                 capacity = args.capacity
             else:
                 raise SystemExit("--mode overload against a running cluster needs --capacity")
+            args.api_key = api_key(args.api_key, cluster)
             clients = Clients(args.http, args.grpc, args.api_key, args.request_timeout,
                               args.overload_factor * capacity)
             try:

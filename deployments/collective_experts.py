@@ -22,6 +22,7 @@ from deployments.expert_group import (
     HEADER,
     REQUEST_TAG,
     ExpertGroup,
+    ExpertsNotReady,
     ExpertsUnavailable,
     GroupError,
     GroupSpec,
@@ -155,19 +156,24 @@ class CollectiveExperts:
         self.stats.failures += 1
 
     def _begin(self, active: bool) -> tuple[ExpertGroup, list[int]]:
+        """Join (or re-form) the group and begin a step; ExpertsNotReady when no step can begin: nothing
+        of this step ran yet, so its requests are not lost (the engine tries again)."""
         for _ in range(3):
-            group = self.group or self._connect()
+            try:
+                group = self.group or self._connect()
+            except ExpertsUnavailable as e:
+                raise ExpertsNotReady(str(e)) from e
             try:
                 replicas, reform = group.begin(active=active)
             except GroupError as e:
                 self._break(e)
-                raise ExpertsUnavailable(f"expert group unavailable: {e}") from e
+                raise ExpertsNotReady(f"expert group unavailable: {e}") from e
             if not reform:
                 return group, replicas
             log.info("expert group generation %d: re-forming", group.spec.generation)
             group.close()  # everyone leaves at this step boundary: nothing fails
             self.group = None
-        raise ExpertsUnavailable("the expert group re-formed three times in a row")
+        raise ExpertsNotReady("the expert group re-formed three times in a row")
 
     # ---- the engine's side -------------------------------------------------------------------
     @contextlib.contextmanager

@@ -30,6 +30,11 @@ class ModelNotFound(LookupError):
     """The request names a model this cluster does not serve."""
 
 
+class AtCapacity(RuntimeError):
+    """The router service cannot take another request from this Ingress replica now: refused before
+    any work (no tokenizing, no image decoding) with HTTP 429 / RESOURCE_EXHAUSTED."""
+
+
 class RequestTimeout(TimeoutError):
     """The request ran past `limits.request_timeout_s`, or its stream sent nothing for
     `limits.stream_idle_timeout_s` (gRPC DEADLINE_EXCEEDED, HTTP 504); it was cancelled in the engine."""
@@ -63,7 +68,7 @@ def classify(error: BaseException, request_id: str = "") -> ClientError:
         return ClientError(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error", message)
     if isinstance(err, ModelNotFound):
         return ClientError(grpc.StatusCode.NOT_FOUND, 404, "not_found_error", message)
-    if isinstance(err, EngineOverloaded):
+    if isinstance(err, (EngineOverloaded, AtCapacity)):
         return ClientError(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error", message)
     if isinstance(err, BackPressureError):  # a Serve queue (max_queued_requests) is full
         return ClientError(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error",

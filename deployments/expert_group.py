@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from deployments.engine.experts import ExpertBackendUnavailable
+from deployments.engine.experts import ExpertBackendNotReady, ExpertBackendUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,11 @@ _ALIGN = 16
 class ExpertsUnavailable(ExpertBackendUnavailable):
     """The expert shards cannot run this step: a member of the group died, restarts or timed out,
     or the group is re-forming. The step's requests fail with UNAVAILABLE; later steps retry."""
+
+
+class ExpertsNotReady(ExpertsUnavailable, ExpertBackendNotReady):
+    """No step could begin: the group is not formed yet or re-forms (a shard restarts, a replica
+    joins). Nothing ran; the engine keeps its requests waiting (`engine.expert_wait_s`)."""
 
 
 class GroupError(RuntimeError):

@@ -29,6 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from deployments.config import ExpertsConfig
 from deployments.engine.experts import UnframedBackend
 from deployments.expert_group import (
+    ExpertsNotReady,
     ExpertsUnavailable,
     GroupSpec,
     ShardStats,
@@ -333,7 +334,10 @@ class ShardedExperts(UnframedBackend):
 
     def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.stale and self.reconnect is not None:
-            self.shards = self.reconnect()  # raises ExpertsUnavailable while the shards are not back
+            try:
+                self.shards = self.reconnect()
+            except ExpertsUnavailable as e:  # the shards are not back: nothing of this step ran yet
+                raise ExpertsNotReady(str(e)) from e
             self.stale = False
         start_time = time.perf_counter()
         calls = []

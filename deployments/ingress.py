@@ -25,6 +25,7 @@ The key decides the request's tenant, hence its prefix-cache namespace (deployme
 
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -46,7 +47,7 @@ from deployments.auth import Authenticator, Principal
 from deployments.config import HerdConfig
 from deployments.engine.output import RequestOutput
 from deployments.engine.sequence import ImageInput
-from deployments.errors import ModelNotFound, RequestTimeout, classify, log_failure
+from deployments.errors import AtCapacity, ModelNotFound, RequestTimeout, classify, log_failure
 from deployments.grpc_api import join_outputs, request_from_pb, response_from_output
 from deployments.logs import route_to_serve_logs
 from deployments.pb import herd_pb2 as pb
@@ -101,6 +102,17 @@ def check_prompt_tokens(num_tokens: int, max_model_len: int, field: str) -> None
                                 f"{max_model_len - 1} prompt tokens (max_model_len {max_model_len})")
 
 
+def router_capacity_share(cfg: HerdConfig) -> int | None:
+    """Requests one Ingress replica may have in the router service at once: its share of the
+    replicas' `max_ongoing_requests` plus its own handle's `max_queued_requests` (None: no queue
+    limit). Beyond it the Ingress refuses before preparing the prompt; Serve's handle would refuse
+    the same request only after that work (its BackPressureError stays the backstop)."""
+    rs = cfg.router_service
+    if rs.max_queued_requests < 0:
+        return None
+    return -(-rs.num_replicas * rs.max_ongoing_requests // cfg.ingress.num_replicas) + rs.max_queued_requests
+
+
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
@@ -119,6 +131,8 @@ class Ingress:
         # The engine may cap it lower (KV capacity) and checks again; this bound needs no engine.
         self.max_model_len = self.cfg.engine.max_model_len or self.model_cfg.text.max_position_embeddings
         self._prep = ThreadPoolExecutor(max_workers=self.limits.prep_threads, thread_name_prefix="herd-prep")
+        self.max_in_flight = router_capacity_share(self.cfg)
+        self.in_flight = 0  # requests of this replica past the door: preparing, queued or running
 
     async def _off_loop(self, fn, *args, **kwargs):
         """Run `fn` on the prep threads: costly work never blocks the event loop."""
@@ -128,6 +142,18 @@ class Ingress:
     async def stream(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
         if req.model and req.model != self.cfg.model_name:
             raise ModelNotFound(f"model {req.model!r} is not served here; this cluster serves {self.cfg.model_name!r}")
+        if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+            raise AtCapacity(f"the cluster is at capacity ({self.in_flight} requests of this Ingress replica are "
+                             "running or queued in the router service), retry later")
+        self.in_flight += 1
+        try:
+            async with contextlib.aclosing(self._stream(req)) as deltas:  # closed at once when the caller leaves
+                async for delta in deltas:
+                    yield delta
+        finally:
+            self.in_flight -= 1
+
+    async def _stream(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.request_timeout_s
         try:

@@ -352,11 +352,11 @@ def _parse(model: type[BaseModel], body: Any) -> Any:
         raise InvalidInputError(f"invalid request: {describe_validation_error(e)}") from None
 
 
-def to_generation_request(req: ChatCompletionRequest | CompletionRequest, *, request_id: str,
-                          tenant_header: str | None = None) -> GenerationRequest:
-    """The internal request. Tenant: the `x-herd-tenant` header if non-empty, else `user`, else ""."""
+def to_generation_request(req: ChatCompletionRequest | CompletionRequest, *, request_id: str) -> GenerationRequest:
+    """The internal request, without a tenant: the Ingress derives it from the caller's key, the
+    `x-herd-tenant` header and `user` (deployments/auth.py `cache_salt`)."""
     common = dict(request_id=request_id, params=SamplingParams.create(**req.sampling_kwargs()), model=req.model,
-                  session_id=req.session_id or "", tenant=tenant_header or req.user or "")
+                  session_id=req.session_id or "")
     if isinstance(req, ChatCompletionRequest):
         return GenerationRequest(messages=[_turn(m) for m in req.messages], **common)
     if isinstance(req.prompt, str):

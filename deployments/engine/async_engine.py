@@ -5,16 +5,22 @@ each request gets a queue its caller drains as an async iterator.
 The loop never spins: a step that could not move any request forward waits for the next request or
 abort (at most `idle_poll_s`) before trying again. `check_health` (the router service's health
 check) raises `EngineStuck` when requests are unfinished and the loop died or made no progress for
-`EngineConfig.stuck_after_s` (deployments/engine/liveness.py)."""
+`EngineConfig.stuck_after_s` (deployments/engine/liveness.py).
+
+An expert backend that fails under a batch (`BatchUnavailable`) fails that batch's requests with
+EngineStepError (UNAVAILABLE); while it cannot begin a step (`ExpertBackendNotReady`: a shard
+restarts, the group re-forms) every request keeps its place for `EngineConfig.expert_wait_s`."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from deployments.engine.engine import Engine, EngineOverloaded
+from deployments.engine.engine import BatchUnavailable, Engine, EngineOverloaded
+from deployments.engine.experts import ExpertBackendNotReady
 from deployments.engine.kv_transfer import KVChunk
 from deployments.engine.liveness import Heartbeat
 from deployments.engine.output import RequestOutput
@@ -46,6 +52,7 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._idle = True  # the loop waits for work: no progress is due
+        self._unavailable_since: float | None = None  # when the expert backend stopped beginning steps
 
     async def _call(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: fn(*args, **kwargs))
@@ -124,10 +131,18 @@ class AsyncEngine:
             before = self.engine.progress()
             try:
                 outputs = await self._call(self.engine.step)
-            except Exception as e:  # fail the requests in flight, keep serving
-                await self._fail_all(e)
+            except ExpertBackendNotReady as e:  # nothing ran: wait for the backend (bounded), keep serving
+                await self._wait_for_experts(e)
+                continue
+            except BatchUnavailable as e:  # the backend failed under this batch: its requests were in flight
+                await self._fail(e.request_ids, e)
                 self.heartbeat.beat()
                 continue
+            except Exception as e:  # fail the requests in flight, keep serving
+                await self._fail(list(self._queues), e)
+                self.heartbeat.beat()
+                continue
+            self._unavailable_since = None
             if self.engine.progress() != before:
                 self.heartbeat.beat()
             elif not lockstep:  # nothing could run: do not spin; a new request or an abort may change that
@@ -141,13 +156,30 @@ class AsyncEngine:
                 if queue is not None:
                     queue.put_nowait(out)
 
-    async def _fail_all(self, error: Exception) -> None:
-        log.error("engine step failed, aborting %d requests: %s", len(self._queues), error)
-        for request_id, queue in list(self._queues.items()):
+    async def _wait_for_experts(self, error: ExpertBackendNotReady) -> None:
+        """No step can begin until the expert backend is back (a shard restarts, the group re-forms):
+        requests keep their places for `engine.expert_wait_s` from the start of the outage, then fail
+        with UNAVAILABLE (and later ones at once) until a step runs again."""
+        now = time.monotonic()
+        if self._unavailable_since is None:
+            self._unavailable_since = now
+            log.warning("the expert backend cannot run a step (%s); requests wait up to %.0f s for it",
+                        error, self.engine.config.expert_wait_s)
+        if now - self._unavailable_since >= self.engine.config.expert_wait_s and self._queues:
+            await self._fail(list(self._queues), error)
+        self.heartbeat.beat()  # waiting on the backend, not stuck: Serve must not replace this replica for it
+        await asyncio.sleep(self.lockstep_retry_s)
+
+    async def _fail(self, request_ids: list[str], error: Exception) -> None:
+        """Abort `request_ids` and end their streams with EngineStepError (UNAVAILABLE to clients)."""
+        log.error("engine step failed, aborting %d requests: %s", len(request_ids), error)
+        for request_id in request_ids:
             await self._call(self.engine.abort, request_id)
-            wrapped = EngineStepError(f"request {request_id} failed: {error}")
-            wrapped.__cause__ = error
-            queue.put_nowait(wrapped)
+            queue = self._queues.get(request_id)
+            if queue is not None:
+                wrapped = EngineStepError(f"request {request_id} failed: {error}")
+                wrapped.__cause__ = error
+                queue.put_nowait(wrapped)
 
     def check_health(self) -> None:
         """Raise EngineStuck when requests are unfinished and the loop died or stopped progressing."""

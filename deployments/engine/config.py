@@ -31,6 +31,11 @@ class EngineConfig(BaseModel):
         120.0, gt=0, description="the router service's health check fails when requests are unfinished and no engine "
         "step made progress for this long (Serve then replaces the replica); above the longest expected step"
     )
+    expert_wait_s: float = Field(
+        30.0, ge=0, description="while the expert backend cannot begin a step (its group re-forms, a shard restarts), "
+        "waiting and new requests keep their places this long before they fail with UNAVAILABLE (the requests of the "
+        "step that was running when it failed fail at once)"
+    )
     attention_backend: str = Field(
         "reference", description="attention over the paged KV cache (deployments/engine/attention/registry.py): "
         "reference (SDPA per sequence), flex (compiled flex_attention, one call per layer) or auto (flex on CUDA)"

@@ -21,7 +21,12 @@ import torch
 from deployments.engine.attention import attention_backend, resolve_attention_backend
 from deployments.engine.compile import TRACEABLE_ATTENTION, CompileSettings, StepCompiler, experts_trace
 from deployments.engine.config import EngineConfig
-from deployments.engine.experts import ColocatedExperts, ExpertBackend, ExpertBackendUnavailable
+from deployments.engine.experts import (
+    ColocatedExperts,
+    ExpertBackend,
+    ExpertBackendNotReady,
+    ExpertBackendUnavailable,
+)
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.kv_manager import KVManager
 from deployments.engine.kv_sizing import plan_kv_groups
@@ -41,6 +46,15 @@ from model.moe import Experts
 from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+class BatchUnavailable(ExpertBackendUnavailable):
+    """The expert backend failed while a batch ran: its requests (`request_ids`) were in flight and
+    must fail (UNAVAILABLE); the engine's other requests were not touched."""
+
+    def __init__(self, request_ids: list[str], error: ExpertBackendUnavailable):
+        super().__init__(str(error))
+        self.request_ids = request_ids
 
 
 class EngineOverloaded(RuntimeError):
@@ -221,7 +235,9 @@ class Engine:
     # So when running a batch raises, it is split in halves and each half is run again, down to the
     # single chunk that fails alone: that request finishes with finish_reason "error" (and `error`
     # saying why), its KV is freed, the rest carry on with the tokens they would have had.
-    # `ExpertBackendUnavailable` is nobody's fault: it is raised to the caller, which fails the step.
+    # An unavailable expert backend is nobody's fault: `step` raises `BatchUnavailable` naming the
+    # batch's requests (in flight when the backend failed: the caller fails them) and lets
+    # `ExpertBackendNotReady` through (no step could begin: nothing is lost, the caller retries).
     def step(self) -> list[RequestOutput]:
         """Run one batch; return a delta for every request that produced tokens or finished (a
         request that broke the batch finishes alone with finish_reason "error")."""
@@ -230,7 +246,12 @@ class Engine:
             self.runner.idle()
             return []
         self.num_steps += 1
-        return self._run(chunks)
+        try:
+            return self._run(chunks)
+        except ExpertBackendNotReady:
+            raise
+        except ExpertBackendUnavailable as e:
+            raise BatchUnavailable([c.seq.request_id for c in chunks], e) from e
 
     def _run(self, chunks: list[ScheduledChunk]) -> list[RequestOutput]:
         """Run `chunks` (execute + sample, then record), bisecting on failure to the culprits."""

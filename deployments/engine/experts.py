@@ -24,6 +24,11 @@ class ExpertBackendUnavailable(RuntimeError):
     so a step that raises it fails all of its requests instead of looking for a culprit."""
 
 
+class ExpertBackendNotReady(ExpertBackendUnavailable):
+    """The expert backend could not begin a forward pass (its group is forming, a shard restarts):
+    nothing ran, so no request is at fault or in flight; the engine keeps them all and tries again."""
+
+
 class ExpertBackend(Protocol):
     def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Sum over each token's chosen experts of expert(score * x); `x` `[T, hidden]`, ids and scores `[T, k]`."""

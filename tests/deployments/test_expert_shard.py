@@ -17,7 +17,7 @@ import torch
 from deployments.collective_experts import CollectiveExperts
 from deployments.config import ExpertsConfig
 from deployments.engine.config import EngineConfig
-from deployments.engine.engine import Engine
+from deployments.engine.engine import BatchUnavailable, Engine
 from deployments.engine.experts import ColocatedExperts
 from deployments.engine.params import SamplingParams
 from deployments.expert_group import ExpertsUnavailable
@@ -169,7 +169,9 @@ def test_killed_shard_fails_both_replicas_fast_then_the_group_reforms(shards, ch
         t.join(30)
     assert not any(t.is_alive() for t in threads), "a replica hung on the dead shard"
     assert set(failed) == {"a", "b"}
-    assert all(isinstance(e, ExpertsUnavailable) for _, e in failed.values()), failed
+    # the failed step names its requests (in flight: the router service fails them with UNAVAILABLE)
+    assert all(isinstance(e, BatchUnavailable) and e.request_ids == list(engines[rid]._states)
+               for rid, (_, e) in failed.items()), failed
     assert all(when - killed < 5 for when, _ in failed.values()), {k: w - killed for k, (w, _) in failed.items()}
     for engine in engines.values():  # the requests of the failed step are given up (the router service fails them)
         for request_id in list(engine._states):

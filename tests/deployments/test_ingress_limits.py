@@ -17,7 +17,7 @@ from deployments.config import HerdConfig
 from deployments.engine.engine import EngineOverloaded
 from deployments.engine.output import RequestOutput
 from deployments.engine.params import SamplingParams
-from deployments.errors import RequestTimeout, classify
+from deployments.errors import AtCapacity, RequestTimeout, classify
 from deployments.pb import herd_pb2 as pb
 from deployments.request import ChatTurn, GenerationRequest, ImagePart
 from model.errors import InvalidInputError
@@ -65,7 +65,7 @@ class Tokenizer:
         return [1] + [5] * len(text.split())
 
 
-METHODS = ("stream", "_prompt", "_off_loop", "_timeout", "_with_images", "_check_message_size", "_grpc_request")
+METHODS = ("stream", "_stream", "_prompt", "_off_loop", "_timeout", "_with_images", "_check_message_size", "_grpc_request")
 
 
 def replica(tokenizer=None, router=None, **limits) -> SimpleNamespace:
@@ -80,6 +80,7 @@ def replica(tokenizer=None, router=None, **limits) -> SimpleNamespace:
     r.tokenizer = tokenizer or Tokenizer()
     r.router_service = router or RouterService([RequestOutput("x", [7], "a", finish_reason="length")])
     r._prep = ThreadPoolExecutor(max_workers=2)
+    r.max_in_flight, r.in_flight = ingress.router_capacity_share(r.cfg), 0
     return r
 
 
@@ -172,7 +173,39 @@ def test_http_500_body_is_generic_and_the_detail_goes_to_the_log(caplog):
 
 
 @pytest.mark.parametrize("error", [BackPressureError(num_queued_requests=3, max_queued_requests=3),
-                                   EngineOverloaded("128 requests are already waiting; retry later")])
+                                   EngineOverloaded("128 requests are already waiting; retry later"),
+                                   AtCapacity("the cluster is at capacity")])
 def test_overload_is_429_resource_exhausted(error):
     err = classify(error)
     assert (err.grpc_code, err.http_status, err.type) == (grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "rate_limit_error")
+
+
+def test_router_capacity_share_splits_ongoing_over_ingress_replicas():
+    cfg = HerdConfig.model_validate({"model": "/m", "router_service": {"num_replicas": 3, "max_ongoing_requests": 8,
+                                                                      "max_queued_requests": 4},
+                                     "engine": {"max_waiting": 4}, "ingress": {"num_replicas": 2}})
+    assert ingress.router_capacity_share(cfg) == 12 + 4
+    unlimited = cfg.model_copy(update={"router_service": cfg.router_service.model_copy(
+        update={"max_queued_requests": -1})})
+    assert ingress.router_capacity_share(unlimited) is None
+
+
+def test_beyond_the_router_capacity_the_ingress_refuses_before_any_work():
+    """At its share of the router service's capacity the Ingress answers 429 without tokenizing; a
+    request leaving (its caller gone) frees its place at once and cancels its router call."""
+    tokenizer, router = Tokenizer(), RouterService([RequestOutput("x", [7], "a")], hang=True)
+    r = replica(tokenizer=tokenizer, router=router)
+    r.max_in_flight = 1
+
+    async def run():
+        held = r.stream(GenerationRequest("1", PARAMS, text="hold the only place"))
+        assert (await held.__anext__()).token_ids == [7]
+        with pytest.raises(AtCapacity, match="at capacity"):
+            async for _ in r.stream(GenerationRequest("2", PARAMS, text="one too many")):
+                pass
+        calls = tokenizer.calls
+        await held.aclose()  # the client left
+        return calls
+
+    assert asyncio.run(asyncio.wait_for(run(), 10)) == 1  # only the first prompt was tokenized
+    assert r.in_flight == 0 and router.response.cancelled

@@ -41,9 +41,9 @@ def chat(messages=None, **fields) -> dict:
     return {"model": MODEL, "messages": messages or [{"role": "user", "content": "hi"}], **fields}
 
 
-def convert(body: dict, chat_api: bool = True, tenant_header: str | None = None):
+def convert(body: dict, chat_api: bool = True):
     parse = oai.parse_chat_request if chat_api else oai.parse_completion_request
-    return oai.to_generation_request(parse(body), request_id="req-1", tenant_header=tenant_header)
+    return oai.to_generation_request(parse(body), request_id="req-1")
 
 
 # ---- requests -----------------------------------------------------------------------------------
@@ -55,11 +55,11 @@ def test_chat_text_with_every_sampling_field():
                 presence_penalty=0, frequency_penalty=0.0, stream=True, stream_options={"include_usage": True},
                 metadata={"unknown": "ignored"}, store=False)
     parsed = oai.parse_chat_request(body)
-    req = oai.to_generation_request(parsed, request_id="req-1", tenant_header=None)
+    req = oai.to_generation_request(parsed, request_id="req-1")
     assert parsed.stream and parsed.stream_options.include_usage
     assert req.messages == [ChatTurn("system", ["be brief"]), ChatTurn("user", ["hi"])]
     assert req.text is None and req.prompt_token_ids is None
-    assert (req.request_id, req.model, req.session_id, req.tenant) == ("req-1", MODEL, "s-1", "acme")
+    assert (req.request_id, req.model, req.session_id, req.tenant, parsed.user) == ("req-1", MODEL, "s-1", "", "acme")
     assert req.params == SamplingParams(max_tokens=12, temperature=0.5, top_p=0.9, seed=7, stop=["\n"],
                                         stop_token_ids=[3], top_k=40, min_p=0.05, ignore_eos=True, logprobs=True)
 
@@ -78,14 +78,11 @@ def test_chat_parts_with_a_png_data_url():
     assert Image.open(io.BytesIO(req.messages[1].parts[1].data)).size == (8, 6)
 
 
-def test_defaults_and_tenant_precedence():
+def test_defaults_and_no_self_asserted_tenant():
     req = convert({"messages": [{"role": "user", "content": "hi"}]})
     assert req.params == SamplingParams() and req.params.max_tokens == 256 and req.params.temperature == 1.0
     assert (req.model, req.tenant, req.session_id) == ("", "", "")
-    assert convert(chat(user="from-user")).tenant == "from-user"
-    assert convert(chat(user="from-user"), tenant_header="from-header").tenant == "from-header"
-    assert convert(chat(), tenant_header="from-header").tenant == "from-header"
-    assert convert(chat(user="from-user"), tenant_header="").tenant == "from-user"
+    assert convert(chat(user="from-user")).tenant == ""  # the Ingress decides the tenant (auth), not the body
 
 
 def test_max_completion_tokens_is_max_tokens():
@@ -103,10 +100,10 @@ def test_max_completion_tokens_is_max_tokens():
 ])
 def test_completion_prompts(prompt, text, ids):
     req = convert({"model": MODEL, "prompt": prompt, "max_tokens": 4, "seed": 3, "logprobs": 0, "echo": False,
-                   "user": "acme", "session_id": "s"}, chat_api=False, tenant_header="hdr")
+                   "user": "acme", "session_id": "s"}, chat_api=False)
     assert (req.text, req.prompt_token_ids, req.messages) == (text, ids, None)
     assert req.params == SamplingParams(max_tokens=4, seed=3, logprobs=True)
-    assert (req.tenant, req.session_id, req.model) == ("hdr", "s", MODEL)
+    assert (req.session_id, req.model) == ("s", MODEL)
 
 
 def test_completion_without_logprobs():

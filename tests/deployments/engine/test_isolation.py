@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from deployments.engine.async_engine import AsyncEngine, RequestFailed
+from deployments.engine.async_engine import AsyncEngine, EngineStepError, RequestFailed
 from deployments.engine.config import EngineConfig
-from deployments.engine.engine import Engine
-from deployments.engine.experts import ExpertBackendUnavailable
+from deployments.engine.engine import BatchUnavailable, Engine
+from deployments.engine.experts import ExpertBackendNotReady, ExpertBackendUnavailable
 from deployments.engine.params import SamplingParams
 from model.errors import InvalidInputError
 
@@ -122,11 +122,91 @@ def test_an_unavailable_backend_fails_the_step_without_bisecting(path):
     runner = engine.runner = PoisonedRunner(engine.runner, error=ExpertBackendUnavailable)
     engine.add_request(PROMPTS[0], greedy(4))
     engine.add_request(POISONED[:14], greedy(4))
-    with pytest.raises(ExpertBackendUnavailable):
+    ids = list(engine._states)
+    with pytest.raises(BatchUnavailable) as failed:
         for _ in range(10):  # the poison is in the second prompt's second chunk
             before = runner.calls
             engine.step()
     assert runner.calls == before + 1  # raised at once: no rerun of halves
+    assert sorted(failed.value.request_ids) == sorted(ids)  # the batch's requests, for the caller to fail
+
+
+class FlakyBackendRunner:
+    """Fault injection at the expert backend: the real runner, except that `execute` calls listed in
+    `not_ready` raise ExpertBackendNotReady (no step could begin) and those in `fail` raise
+    ExpertBackendUnavailable (the backend died under the batch)."""
+
+    def __init__(self, runner, not_ready=(), fail=()):
+        self.runner, self.not_ready, self.fail, self.calls = runner, set(not_ready), set(fail), 0
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def execute(self, chunks):
+        self.calls += 1
+        if self.calls in self.not_ready:
+            raise ExpertBackendNotReady("the expert group re-forms")
+        if self.calls in self.fail:
+            raise ExpertBackendUnavailable("a shard died at MoE layer 0")
+        return self.runner.execute(chunks)
+
+
+async def _collect(engine, rid, prompt, params):
+    return [o async for o in engine.generate(rid, prompt, params)]
+
+
+def _tokens(outputs) -> list[int]:
+    return [t for o in outputs for t in o.token_ids]
+
+
+def test_async_requests_wait_while_the_backend_cannot_begin_a_step(path, alone):
+    """Steps that cannot begin (a shard restarting) lose nothing: the requests wait and then get the
+    tokens they get without the outage."""
+    async def main():
+        inner = Engine.from_pretrained(path, CFG)
+        inner.runner = FlakyBackendRunner(inner.runner, not_ready={1, 2, 3, 6, 7})
+        engine = AsyncEngine(inner)
+        engine.lockstep_retry_s = 0.01
+        got = await asyncio.gather(_collect(engine, "a", PROMPTS[0], greedy(10)),
+                                   _collect(engine, "b", PROMPTS[2], greedy(10)))
+        return got, inner
+
+    (a, b), inner = asyncio.run(asyncio.wait_for(main(), 120))
+    assert _tokens(a) == alone[0] and _tokens(b) == alone[2]
+    assert inner.runner.calls > 5 and used(inner) == 0
+
+
+def test_async_backend_failure_fails_the_batch_only(path, alone):
+    """The backend dies under a batch: that batch's request fails with EngineStepError (UNAVAILABLE);
+    the request waiting for admission (not in the batch) is served as if nothing happened."""
+    async def main():
+        inner = Engine.from_pretrained(path, CFG.model_copy(update={"max_num_seqs": 1}))
+        inner.runner = FlakyBackendRunner(inner.runner, fail={4})
+        engine = AsyncEngine(inner)
+        got = await asyncio.gather(_collect(engine, "running", PROMPTS[0], greedy(10)),
+                                   _collect(engine, "waiting", PROMPTS[2], greedy(10)), return_exceptions=True)
+        return got, inner
+
+    (running, waiting), inner = asyncio.run(asyncio.wait_for(main(), 120))
+    assert isinstance(running, EngineStepError) and "shard died" in str(running)
+    assert _tokens(waiting) == alone[2]
+    assert used(inner) == 0 and not inner.has_unfinished()
+
+
+def test_async_backend_gone_longer_than_expert_wait_fails_requests_fast(path):
+    async def main():
+        inner = Engine.from_pretrained(path, CFG.model_copy(update={"expert_wait_s": 0.3}))
+        inner.runner = FlakyBackendRunner(inner.runner, not_ready=range(1, 10**6))
+        engine = AsyncEngine(inner)
+        engine.lockstep_retry_s = 0.01
+        first = await asyncio.gather(_collect(engine, "a", PROMPTS[0], greedy(4)), return_exceptions=True)
+        later = await asyncio.gather(_collect(engine, "b", PROMPTS[1], greedy(4)), return_exceptions=True)
+        return first + later, inner
+
+    (first, later), inner = asyncio.run(asyncio.wait_for(main(), 60))
+    assert isinstance(first, EngineStepError) and "re-forms" in str(first)
+    assert isinstance(later, EngineStepError)  # the outage goes on: no new wait
+    assert used(inner) == 0 and not inner.has_unfinished()
 
 
 @pytest.mark.parametrize("kwargs, field", [
