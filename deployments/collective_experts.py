@@ -20,6 +20,7 @@ import torch
 
 from deployments.expert_group import (
     HEADER,
+    REQUEST_TAG,
     ExpertGroup,
     ExpertsNotReady,
     ExpertsUnavailable,
@@ -222,12 +223,15 @@ class CollectiveExperts:
     # ---- one exchange ------------------------------------------------------------------------
     @torch.inference_mode()
     def _post(self, group: ExpertGroup, layer: int, mb: int, rows) -> list:
-        """Send each shard its rows of `layer` (`rows` None: none), post the receives of the replies."""
+        """Send each shard its rows of `layer` (`rows` None: none), post the receives of the replies.
+        In a step this replica runs alone a shard gets a message only when it has rows, or at the
+        last turn (layer, micro-batch) of the step, which ends the step for it."""
         spec, wire = group.spec, self._bufs["wire"]
         nccl = spec.backend == "nccl"
-        posted = []
+        solo = len(group.active) == 1
+        last = solo and layer == spec.moe_layers[-1] and mb == spec.micro_batches - 1
+        posted, sends = [], []
         for s, (start, stop) in enumerate(spec.shards):
-            buf = self._bufs["send"][mb][s]
             if rows is None:
                 idx, n = None, 0
             else:
@@ -237,6 +241,12 @@ class CollectiveExperts:
                 self.stats.rows_sent[s] = self.stats.rows_sent.get(s, 0) + n
                 if n > wire.capacity:
                     raise GroupError(f"{n} rows for one shard exceed the group's capacity of {wire.capacity}")
+            if solo and not n and not last:
+                continue
+            if n and not nccl:  # the receive first: gloo tells the shard, and its reply goes out at once
+                reply = torch.empty(n, spec.hidden_size, dtype=spec.dtype, device=self.device)
+                posted.append((idx, reply, group.recv(reply, s, mb)))
+            buf = self._bufs["send"][mb][s]
             wire.header(buf).copy_(torch.tensor([n, layer, group.steps, mb], dtype=torch.int64))
             if n:
                 xv, iv, sv = wire.views(buf, n)
@@ -244,31 +254,32 @@ class CollectiveExperts:
                 iv.copy_(ids.index_select(0, idx))
                 sv.copy_(scores.index_select(0, idx))
             if nccl:
-                sends = [group.send(buf[: HEADER * 8], s, mb)]
+                sends.append(group.send(buf[: HEADER * 8], s, REQUEST_TAG))
                 if n:
-                    sends.append(group.send(buf[HEADER * 8 : wire.nbytes(n)], s, mb))
+                    sends.append(group.send(buf[HEADER * 8 : wire.nbytes(n)], s, REQUEST_TAG))
             else:
-                sends = [group.send(buf[: wire.nbytes(n)], s, mb)]
-            reply = recv = None
-            if n:
+                sends.append(group.send(buf[: wire.nbytes(n)], s, REQUEST_TAG))
+            if n and nccl:  # after the send: on NCCL a receive from a peer would hold up the send to it
                 reply = torch.empty(n, spec.hidden_size, dtype=spec.dtype, device=self.device)
-                recv = group.recv(reply, s, mb)
-            posted.append((sends, idx, reply, recv))
-        for sends, *_ in posted:
-            for w in sends:
-                group.wait(w, f"sending rows of MoE layer {layer}")
+                posted.append((idx, reply, group.recv(reply, s, mb)))
+        for w in sends:
+            group.wait(w, f"sending rows of MoE layer {layer}")
         return posted
 
     @torch.inference_mode()
     def _complete(self, group: ExpertGroup, layer: int, x: torch.Tensor, posted: list) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = torch.zeros_like(x)
-        for _, idx, reply, recv in posted:
-            if recv is not None:
-                group.wait(recv, f"waiting for the experts of MoE layer {layer}")
-                out.index_add_(0, idx, reply)
+        out = None
+        for idx, reply, recv in posted:
+            group.wait(recv, f"waiting for the experts of MoE layer {layer}")
+            if out is None and reply.shape[0] == x.shape[0]:  # this shard had every row (idx: all, in order)
+                out = reply
+            elif out is None:
+                out = torch.zeros_like(x).index_copy_(0, idx, reply)
+            else:  # rows whose experts sit on several shards: sum the parts
+                out.index_copy_(0, idx, out.index_select(0, idx).add_(reply))
         self.stats.record_wait(time.perf_counter() - t0)
-        return out
+        return torch.zeros_like(x) if out is None else out
 
     def close(self) -> None:
         if self.group is not None:

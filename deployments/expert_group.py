@@ -8,16 +8,20 @@ generation when a member dies, restarts, joins or leaves. A member forms its own
 can leave a group and form the next one (the default group of `init_process_group` could not).
 
 One group step (one forward pass of the replicas that have work):
-1. `begin`: an all-reduce of `[active flag of each replica..., re-form requested]`. Every member
-   learns which replicas take part; a shard told of a newer generation by the pool raises the
-   re-form flag and everyone leaves the group at this step boundary (no request fails).
-2. For each MoE layer, for each micro-batch: every active replica sends each shard one message,
-   `header | hidden rows | expert ids | gate scores` (int64 x4 | model dtype | int32 | fp32, each
-   array in its own dtype, laid out one after the other in a fixed-capacity byte buffer; only the
-   used prefix is sent; possibly no rows). Each shard runs its experts once on the union of the
-   rows of all active replicas and sends each replica its part back.
-One message each way per (replica, shard, layer, micro-batch): on gloo a message costs a syscall and
-a wake-up of its receiver; four messages (header and three arrays) cost ~3x more here.
+1. `begin`: every member learns `[active flag of each replica..., re-form requested]` (on gloo each
+   member sends its flags to every other one, one hop; on NCCL an all-reduce). Every member learns
+   which replicas take part; a shard told of a newer generation by the pool raises the re-form flag
+   and everyone leaves the group at this step boundary (no request fails).
+2. For each MoE layer, for each micro-batch (a "turn"): every active replica sends each shard one
+   message, `header | hidden rows | expert ids | gate scores` (int64 x4 | model dtype | int32 | fp32,
+   each array in its own dtype, laid out one after the other in a fixed-capacity byte buffer; only
+   the used prefix is sent; possibly no rows). Each shard runs its experts once on the union of the
+   rows of all active replicas and sends each replica its part back. When one replica runs the step
+   alone there is no union to wait for: it sends a shard a message only for the turns it has rows for
+   there, plus the last turn (possibly empty), which ends the step for that shard.
+One message each way per (replica, shard, turn): on gloo a message costs a syscall and a wake-up of
+its receiver (gloo's receiver also tells the sender when a receive is posted); four messages (header
+and three arrays) cost ~3x more here.
 
 Every wait has a timeout (`GroupSpec.timeout_s`); a member that dies closes its sockets, so its
 peers fail at once ("connection closed by peer") rather than at the timeout. A member that fails
@@ -40,6 +44,8 @@ from deployments.engine.experts import ExpertBackendNotReady, ExpertBackendUnava
 log = logging.getLogger(__name__)
 
 HEADER = 4  # int64: rows, layer, step number, micro-batch
+REQUEST_TAG = 0  # replica -> shard messages (in the group's order); replies are tagged with their micro-batch
+BEGIN_TAG = 7  # the step-begin flags (gloo)
 IDS_DTYPE = torch.int32
 SCORES_DTYPE = torch.float32
 _ALIGN = 16
@@ -158,6 +164,7 @@ class ExpertGroup:
         self.spec, self.rank, self.device = spec, rank, torch.device(device)
         self.num_replicas = len(spec.replicas)
         self.steps = 0  # group steps begun (every member counts the same)
+        self.active: list[int] = []  # replica indices taking part in the current step
         timeout = _timedelta(spec.timeout_s)
         t0 = time.perf_counter()
         try:
@@ -207,16 +214,30 @@ class ExpertGroup:
                              f"{self.spec.timeout_s:g} s")
 
     def begin(self, active: bool = False, reform: bool = False) -> tuple[list[int], bool]:
-        """Start a group step: (indices of the replicas taking part, whether to leave for a new generation)."""
-        flags = torch.zeros(self.num_replicas + 1, dtype=torch.int64, device=self.device)
+        """Start a group step: (indices of the replicas taking part, whether to leave for a new generation).
+
+        On gloo every member sends its flags to every other member and sums what it receives: one hop
+        (an all-reduce is a ring of 2 x (members - 1) hops plus a hand-off to the group's worker thread)."""
+        flags = [0] * (self.num_replicas + 1)
         if self.rank >= len(self.spec.shards) and active:
             flags[self.rank - len(self.spec.shards)] = 1
         if reform:
             flags[-1] = 1
-        self._wait(self.pg.allreduce([flags]), "beginning a step")
+        if self.spec.backend == "gloo":
+            mine = torch.tensor(flags, dtype=torch.int64)
+            peers = [r for r in range(self.spec.world_size) if r != self.rank]
+            theirs = torch.zeros(self.spec.world_size, len(flags), dtype=torch.int64)
+            works = [self.send(mine, r, BEGIN_TAG) for r in peers] + [self.recv(theirs[r], r, BEGIN_TAG) for r in peers]
+            for w in works:
+                self._wait(w, "beginning a step")
+            values = (theirs.sum(0) + mine).tolist()
+        else:
+            summed = torch.tensor(flags, dtype=torch.int64, device=self.device)
+            self._wait(self.pg.allreduce([summed]), "beginning a step")
+            values = summed.tolist()
         self.steps += 1
-        values = flags.tolist()
-        return [i for i, v in enumerate(values[:-1]) if v], values[-1] > 0
+        self.active = [i for i, v in enumerate(values[:-1]) if v]
+        return self.active, values[-1] > 0
 
     def send(self, t: torch.Tensor, dst: int, tag: int):
         try:
@@ -247,6 +268,7 @@ class ShardStats:
     """What one shard did since it started (all generations); read by the pool, the metrics and the tests."""
 
     steps: int = 0  # group steps with at least one active replica
+    messages: int = 0  # messages received from replicas (one per replica and turn; a replica alone sends fewer)
     expert_calls: int = 0  # expert runs (one per layer and micro-batch with rows)
     union_calls: int = 0  # ... of which ran rows from two or more replicas at once
     rows: int = 0
@@ -275,9 +297,9 @@ def serve_shard_steps(group: ExpertGroup, experts: dict, stats: ShardStats, refo
     fails (GroupError). `experts[layer]` runs this shard's experts of `layer` (model.moe.Experts)."""
     spec = group.spec
     wire = Wire(spec)
-    first_replica = len(spec.shards)
-    nccl = spec.backend == "nccl"
-    bufs = [[wire.buffer(group.device) for _ in spec.replicas] for _ in range(spec.micro_batches)]
+    bufs = [wire.buffer(group.device) for _ in spec.replicas]
+    turns = [(layer, mb) for layer in spec.moe_layers for mb in range(spec.micro_batches)]
+    gloo = spec.backend == "gloo"
     while True:
         active, reform = group.begin(reform=reform_requested())
         if reform:
@@ -285,49 +307,111 @@ def serve_shard_steps(group: ExpertGroup, experts: dict, stats: ShardStats, refo
         if not active:
             continue
         stats.steps += 1
-        step = group.steps
-        for layer in spec.moe_layers:
-            for mb in range(spec.micro_batches):
-                t0 = time.perf_counter()
-                bufs_mb = bufs[mb]
-                if nccl:  # NCCL receives need the exact size: the header first, then the rows
-                    for r in active:
-                        group.wait(group.recv(bufs_mb[r][: HEADER * 8], first_replica + r, mb), "header")
-                    works = []
-                    for r in active:
-                        n = int(wire.header(bufs_mb[r])[0])
-                        if n:
-                            works.append(group.recv(bufs_mb[r][HEADER * 8 : wire.nbytes(n)], first_replica + r, mb))
-                else:
-                    works = [group.recv(bufs_mb[r], first_replica + r, mb) for r in active]
-                for w in works:
-                    group.wait(w, f"receiving rows of MoE layer {layer}")
-                if len(stats.waits) < 10_000:
-                    stats.waits.append(time.perf_counter() - t0)
-                parts = []
-                for r in active:
-                    n, got_layer, got_step, got_mb = wire.header(bufs_mb[r]).tolist()
-                    if (got_layer, got_step, got_mb) != (layer, step, mb) or not 0 <= n <= wire.capacity:
-                        raise GroupError(f"expert group out of step: replica {r} sent layer {got_layer} step "
-                                         f"{got_step} micro-batch {got_mb} ({n} rows) where layer {layer} step {step} "
-                                         f"micro-batch {mb} was due")
-                    if n:
-                        parts.append((r, n))
-                if not parts:
-                    continue
-                views = [wire.views(bufs_mb[r], n) for r, n in parts]
-                if len(views) == 1:
-                    x, ids, scores = views[0]
-                else:
-                    x, ids, scores = (torch.cat(v) for v in zip(*views, strict=True))
-                out = experts[layer](x, ids.long(), scores)
-                sends, start = [], 0
-                for r, n in parts:
-                    sends.append(group.send(out[start : start + n], first_replica + r, mb))
-                    start += n
-                for w in sends:
-                    group.wait(w, f"returning rows of MoE layer {layer}")
-                stats.record(start, len(parts))
+        if len(active) == 1:
+            _serve_solo_step(group, wire, bufs, active[0], turns, experts, stats)
+            continue
+        sources, posted = [(bufs[r], r) for r in active], None
+        for i, (layer, mb) in enumerate(turns):  # every active replica sends one message per turn, possibly empty
+            t0 = time.perf_counter()
+            _receive(group, wire, sources, layer, stats, posted)
+            if len(stats.waits) < 10_000:
+                stats.waits.append(time.perf_counter() - t0)
+            parts = []
+            for r in active:
+                n, got = _check(group, wire, bufs[r], r, expected=(layer, mb))
+                if n:
+                    parts.append((r, n))
+            posted = _run_experts(group, wire, bufs, parts, layer, mb, experts, stats,
+                                  sources if gloo and i + 1 < len(turns) else None)
+
+
+def _serve_solo_step(group: ExpertGroup, wire: Wire, bufs: list[torch.Tensor], r: int, turns: list, experts: dict,
+                     stats: ShardStats) -> None:
+    """A step with one active replica: it sends a message only for the turns (layer, micro-batch) it
+    has rows for here, and always for the last turn, which ends the step (no union to wait for, so no
+    lockstep needed; messages of one pair arrive in the order they were sent)."""
+    last, position, sources, posted = turns[-1], -1, [(bufs[r], r)], None
+    gloo = group.spec.backend == "gloo"
+    while True:
+        t0 = time.perf_counter()
+        _receive(group, wire, sources, "a solo step", stats, posted)
+        if len(stats.waits) < 10_000:
+            stats.waits.append(time.perf_counter() - t0)
+        n, (layer, mb) = _check(group, wire, bufs[r], r, expected=None)
+        turn = turns.index((layer, mb)) if (layer, mb) in turns else -1
+        if turn <= position:
+            raise GroupError(f"expert group out of step: replica {r} sent layer {layer} micro-batch {mb} after turn "
+                             f"{turns[position] if position >= 0 else None} of a step it runs alone")
+        position = turn
+        posted = _run_experts(group, wire, bufs, [(r, n)] if n else [], layer, mb, experts, stats,
+                              sources if gloo and (layer, mb) != last else None)
+        if (layer, mb) == last:
+            return
+
+
+def _post_receives(group: ExpertGroup, sources: list[tuple[torch.Tensor, int]], stats: ShardStats) -> list:
+    """gloo: post a receive of one message from each replica index in `sources` into its buffer."""
+    stats.messages += len(sources)
+    first_replica = len(group.spec.shards)
+    return [group.recv(buf, first_replica + r, REQUEST_TAG) for buf, r in sources]
+
+
+def _receive(group: ExpertGroup, wire: Wire, sources: list[tuple[torch.Tensor, int]], layer, stats: ShardStats,
+             posted: list | None = None) -> None:
+    """One message from each replica index in `sources` into its buffer (posted at once, then waited
+    for); `posted`: their gloo receives, already posted (`_post_receives`)."""
+    if group.spec.backend == "nccl":  # NCCL receives need the exact size: the header first, then the rows
+        first_replica = len(group.spec.shards)
+        stats.messages += len(sources)
+        for buf, r in sources:
+            group.wait(group.recv(buf[: HEADER * 8], first_replica + r, REQUEST_TAG), "header")
+        works = []
+        for buf, r in sources:
+            n = int(wire.header(buf)[0])
+            if 0 < n <= wire.capacity:
+                works.append(group.recv(buf[HEADER * 8 : wire.nbytes(n)], first_replica + r, REQUEST_TAG))
+    else:
+        works = posted if posted is not None else _post_receives(group, sources, stats)
+    for w in works:
+        group.wait(w, f"receiving rows of MoE layer {layer}")
+
+
+def _check(group: ExpertGroup, wire: Wire, buf: torch.Tensor, r: int, expected) -> tuple[int, tuple[int, int]]:
+    """(rows, (layer, micro-batch)) of replica `r`'s message in `buf`; GroupError when it is not of
+    this step, not the `expected` (layer, micro-batch) (None: any), or over the capacity."""
+    n, layer, step, mb = wire.header(buf).tolist()
+    if step != group.steps or (expected is not None and (layer, mb) != expected) or not 0 <= n <= wire.capacity:
+        due = f"layer {expected[0]} micro-batch {expected[1]}" if expected is not None else "a message"
+        raise GroupError(f"expert group out of step: replica {r} sent layer {layer} step {step} micro-batch {mb} "
+                         f"({n} rows) where {due} of step {group.steps} was due")
+    return n, (layer, mb)
+
+
+def _run_experts(group: ExpertGroup, wire: Wire, bufs: list, parts: list[tuple[int, int]], layer: int, mb: int,
+                 experts: dict, stats: ShardStats, next_sources: list | None = None) -> list | None:
+    """Run this shard's experts of `layer` once on the rows of `parts` ((replica index, rows)) and send
+    each replica its part. The gloo receives of the next turn's messages (`next_sources`) are posted
+    once the rows are read and before the replies go out: gloo's receiver tells the sender that its
+    receive is posted, and that notice then reaches the replica ahead of the reply, so the replica's
+    next send goes out at once instead of waiting for it. Returns those receives."""
+    if not parts:
+        return _post_receives(group, next_sources, stats) if next_sources else None
+    views = [wire.views(bufs[r], n) for r, n in parts]
+    if len(views) == 1:
+        x, ids, scores = views[0]
+    else:
+        x, ids, scores = (torch.cat(v) for v in zip(*views, strict=True))
+    out = experts[layer](x, ids.long(), scores)  # a new tensor: the buffers can take the next messages
+    posted = _post_receives(group, next_sources, stats) if next_sources else None
+    first_replica = len(group.spec.shards)
+    sends, start = [], 0
+    for r, n in parts:
+        sends.append(group.send(out[start : start + n], first_replica + r, mb))
+        start += n
+    for w in sends:
+        group.wait(w, f"returning rows of MoE layer {layer}")
+    stats.record(start, len(parts))
+    return posted
 
 
 def serve_shard_generation(spec: GroupSpec, rank: int, experts: dict, stats: ShardStats, reform_requested,

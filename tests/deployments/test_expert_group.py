@@ -16,6 +16,7 @@ import torch.distributed as dist
 from deployments.collective_experts import CollectiveExperts
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
+from deployments.engine.experts import ColocatedExperts
 from deployments.engine.params import SamplingParams
 from deployments.engine.runner import split_tokens
 from deployments.expert_group import ExpertsUnavailable, GroupSpec, ShardStats, Wire, serve_shard_generation
@@ -49,11 +50,11 @@ def colocated(checkpoint):
 class Group:
     """A rendezvous store, a spec and two shard threads serving it."""
 
-    def __init__(self, checkpoint, micro_batches: int, generation: int = 1):
+    def __init__(self, checkpoint, micro_batches: int, generation: int = 1, replicas: tuple[str, ...] = ("a", "b")):
         self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         text = load(checkpoint, experts=range(0, 0)).cfg.text
         self.spec = GroupSpec(generation=generation, host="127.0.0.1", port=self.store.port, shards=((0, 2), (2, 4)),
-                              replicas=("a", "b"), moe_layers=tuple(text.moe_layers), hidden_size=text.hidden_size,
+                              replicas=replicas, moe_layers=tuple(text.moe_layers), hidden_size=text.hidden_size,
                               top_k=text.num_experts_per_tok, capacity=ENGINE.max_num_batched_tokens,
                               dtype=torch.float32, micro_batches=micro_batches, timeout_s=20)
         self.stats = [ShardStats(), ShardStats()]
@@ -124,6 +125,29 @@ def test_a_failing_micro_batch_keeps_the_group_in_step(checkpoint, colocated):
     attention.forward = flaky
     assert run_replicas({"a": a, "b": b}, PROMPTS, GREEDY) == colocated
     assert len(calls) > 2 and not any("out of step" in (e or "") for e in group.ended)
+
+
+def test_a_replica_alone_messages_only_the_shards_it_has_rows_for(checkpoint):
+    """In a step one replica runs alone, a shard gets a message only for the layers it has rows for,
+    and one at the last layer that ends the step; the outputs are the colocated experts'."""
+    group = Group(checkpoint, 1, replicas=("a",))
+    backend = CollectiveExperts(lambda after: group.spec, "a")
+    colocated = ColocatedExperts(load(checkpoint))
+    layers, g = group.spec.moe_layers, torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for _ in range(3):
+            with backend.step():
+                for layer in layers:
+                    x = torch.randn(3, group.spec.hidden_size, generator=g)
+                    ids = torch.tensor([[0, 1], [1, 0], [0, 1]])  # experts of shard 0 only
+                    scores = torch.rand(3, 2, generator=g)
+                    torch.testing.assert_close(backend.run(layer, x, ids, scores), colocated.run(layer, x, ids, scores))
+    backend.close()
+    for t in group.threads:
+        t.join(10)
+    assert group.stats[0].messages == 3 * len(layers) and group.stats[0].expert_calls == 3 * len(layers)
+    assert group.stats[1].messages == 3 and group.stats[1].expert_calls == 0
+    assert len(layers) > 1
 
 
 def test_wire_layout_keeps_dtypes_and_fits_the_capacity():
