@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from deployments.engine.engine import BatchUnavailable, Engine, EngineOverloaded
+from deployments.engine.engine import NOT_READY_RETRY_S, BatchUnavailable, Engine, EngineOverloaded
 from deployments.engine.experts import ExpertBackendNotReady
 from deployments.engine.kv_transfer import KVChunk
 from deployments.engine.liveness import Heartbeat
@@ -42,7 +42,7 @@ class RequestFailed(RuntimeError):
 
 class AsyncEngine:
     idle_poll_s = 0.05  # a step that could do nothing waits this long (or for a new request / abort)
-    lockstep_retry_s = 0.5  # a lockstep engine whose idle step failed retries after this long
+    lockstep_retry_s = NOT_READY_RETRY_S  # a lockstep engine whose (idle) step could not begin retries this late
 
     def __init__(self, engine: Engine):
         self.engine = engine

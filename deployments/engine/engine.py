@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from model.moe import Experts
 from model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+NOT_READY_RETRY_S = 0.5  # a step the expert backend could not begin is tried again after this long
 
 
 class BatchUnavailable(ExpertBackendUnavailable):
@@ -326,8 +328,18 @@ class Engine:
         rids = [self.add_request(i, p, images=(images[n] if images else ())) for n, (i, p) in
                 enumerate(zip(ids, params_list, strict=False))]
         done: dict[str, list[RequestOutput]] = {r: [] for r in rids}
+        outage: float | None = None  # since when the expert backend could not begin a step
         while self.has_unfinished():
-            for out in self.step():
+            try:
+                outputs = self.step()
+            except ExpertBackendNotReady:  # nothing ran (its group forms): wait for it, as AsyncEngine does
+                outage = outage or time.monotonic()
+                if time.monotonic() - outage > self.config.expert_wait_s:
+                    raise
+                time.sleep(NOT_READY_RETRY_S)
+                continue
+            outage = None
+            for out in outputs:
                 done[out.request_id].append(out)
         return [_completion(r, done[r]) for r in rids]
 
