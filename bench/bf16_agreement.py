@@ -77,15 +77,21 @@ def report(name: str, same: torch.Tensor, margin: torch.Tensor) -> str:
     return "; ".join(parts)
 
 
-def agreement(path: Path, kernel: str, prompts: list[list[int]], new_tokens: int, device: str) -> list[str]:
+def measure(path: Path, kernel: str, prompts: list[list[int]], new_tokens: int,
+            device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per generated position (prompt by prompt): whether bf16's argmax is fp32's token `[N]`
+    (bool), and fp32's top-1 margin there `[N]`."""
     cfg = EngineConfig(max_num_batched_tokens=256, expert_kernel=kernel)
     fp32 = Engine.from_pretrained(path, cfg, device=device, dtype=torch.float32)
     bf16 = Engine.from_pretrained(path, cfg, device=device, dtype=torch.bfloat16)
     want = greedy_steps(fp32, prompts, new_tokens)
     got = greedy_steps(bf16, prompts, new_tokens, forced=[w.tokens for w in want])
     same = [a == b for g, w in zip(got, want, strict=True) for a, b in zip(g.tokens, w.tokens, strict=True)]
-    margins = [m for w in want for m in w.margins]
-    s, m = torch.tensor(same), torch.tensor(margins)
+    return torch.tensor(same), torch.tensor([m for w in want for m in w.margins])
+
+
+def agreement(path: Path, kernel: str, prompts: list[list[int]], new_tokens: int, device: str) -> list[str]:
+    s, m = measure(path, kernel, prompts, new_tokens, device)
     q = [f"{m.quantile(p):.3f}" for p in (0.1, 0.25, 0.5)]
     return [report("bf16 top-1 agreement with fp32", s, m),
             f"fp32 top-1 margin: 10/25/50% quantiles {' / '.join(q)}; share below 0.01 / 0.05: "
