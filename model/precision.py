@@ -4,8 +4,8 @@ Weights, GEMM inputs, the KV cache, attention and the experts run in the model's
 GPU); these few cheap places run in fp32, as production engines do:
 
 - the residual stream: each decoder layer adds its attention and feed-forward outputs to an fp32
-  residual (`residual_dtype`); vLLM keeps it in bf16 but adds and normalizes in fp32 inside its fused
-  add + RMSNorm kernel (FlashInfer's); Megatron has `fp32_residual_connection`. Cost: `[tokens,
+  residual (`residual_dtype`); vLLM and SGLang keep it in bf16 but add in fp32 inside their fused
+  add + RMSNorm kernels; Megatron has `fp32_residual_connection`. Cost: `[tokens,
   hidden]` fp32 instead of bf16 per live residual (Scout, 8192-token prefill step: 168 MB instead of
   84 MB) and twice the bytes of the elementwise adds; nothing at decode next to the weights read;
 - RMSNorm: statistics, normalization and the weight product in fp32, one rounding to the model's
