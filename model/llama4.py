@@ -95,13 +95,13 @@ class Llama4(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------
     def decode(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Run the decoder on embeddings `[T, hidden]` at absolute `positions`; returns logits `[T, vocab]`."""
+        """Run the decoder on embeddings `[T, hidden]` at absolute `positions`; returns fp32 logits `[T, vocab]`."""
         text = self.language_model
         rope = text_rope(text_inv_freq(text.cfg, x.device), positions)
         masks = causal_masks(text.cfg, positions)
         for i, layer in enumerate(text.model.layers):
             x = layer(x, positions, rope, masked_attention(masks[text.cfg.is_chunked(i)]))
-        return text.lm_head(text.model.norm(x))
+        return text.logits(x)
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor | Sequence[int], images: Sequence | None = None) -> torch.Tensor:

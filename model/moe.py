@@ -17,6 +17,7 @@ from torch import nn
 
 from model.config import TextConfig
 from model.expert_kernel import expert_kernel
+from model.precision import fp32_linear
 from model.quantization import ExpertWeight
 
 
@@ -86,10 +87,11 @@ class MoEGate(nn.Linear):
         self.top_k = top_k
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert ids `[T, k]` (int64) and their scores `[T, k]` = sigmoid(chosen logits) in fp32."""
-        logits = self(x)  # [T, E]
+        """Expert ids `[T, k]` (int64) and their scores `[T, k]` = sigmoid(chosen logits); logits,
+        top-k and sigmoid in fp32 whatever the model's dtype (model/precision.py)."""
+        logits = fp32_linear(x, self.weight)  # [T, E]
         top_logits, top_ids = torch.topk(logits, self.top_k, dim=-1)
-        return top_ids, torch.sigmoid(top_logits.float())
+        return top_ids, torch.sigmoid(top_logits)
 
 
 RoutedExperts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

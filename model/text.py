@@ -17,6 +17,7 @@ from torch import nn
 
 from model.config import TextConfig
 from model.moe import MLP, Experts, MoE, RoutedExperts
+from model.precision import fp32_linear, residual_dtype
 from model.rope import apply_rotary
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -37,14 +38,19 @@ def masked_attention(mask: torch.Tensor) -> Attend:
 
 
 class RMSNorm(nn.Module):
+    """RMS norm computed in fp32, weight product included, rounded once to the output dtype: the
+    weight's (the model's dtype, whatever the input's: the residual stream may be fp32), or the
+    input's for a weightless norm (model/precision.py)."""
+
     def __init__(self, dim: int, eps: float, weighted: bool = True):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if weighted else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)  # one fused op, in fp32
-        return out * self.weight if self.weight is not None else out
+        if self.weight is None:
+            return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(self.weight.dtype)
 
 
 class Attention(nn.Module):
@@ -137,8 +143,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, attend: Attend,
                 routed: RoutedExperts | None = None) -> torch.Tensor:
-        """`x` `[T, hidden]` at absolute `positions`; `routed`: where this layer's routed experts run
-        (default: its own)."""
+        """`x` `[T, hidden]` at absolute `positions` (the residual stream: the first layer takes the
+        embeddings and widens them, model/precision.py); `routed`: where this layer's routed
+        experts run (default: its own). Returns the residual stream, fp32 for a bf16 model."""
+        x = x.to(residual_dtype(x.dtype))
         h = x + self.self_attn(self.input_layernorm(x), positions, rope, attend)
         return h + self.mlp(self.post_attention_layernorm(h), routed)
 
@@ -164,6 +172,14 @@ class TextModel(nn.Module):
         self.cfg = cfg
         self.model = TextBackbone(cfg, experts, expert_kernel)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm and `lm_head` on the residual stream `x` `[T, hidden]` -> fp32 logits
+        `[T, vocab]`, not rounded to the model's dtype on the way (model/precision.py)."""
+        h = self.model.norm(x)
+        if isinstance(self.lm_head, nn.Linear):
+            return fp32_linear(h, self.lm_head.weight)
+        return self.lm_head(h).float()  # a quantized lm_head (an FP8 checkpoint that converts it)
 
 
 def causal_masks(cfg: TextConfig, positions: torch.Tensor) -> dict[bool, torch.Tensor]:

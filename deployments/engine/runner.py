@@ -105,8 +105,7 @@ class ModelRunner:
         row_weight[: sum(c.num_tokens for c in chunks)] = 1
         forward = self._forward_decode if decode_only else self._forward_prefill
         x = forward(x, batch.positions, layouts, batch.slots, row_weight)
-        text = self.model.language_model
-        return text.lm_head(text.model.norm(x[batch.sample_rows])).float()
+        return self.model.language_model.logits(x[batch.sample_rows])
 
     def _forward(self, x: torch.Tensor, positions: torch.Tensor, layouts: dict[str, Layout],
                  slots: dict[str, torch.Tensor], row_weight: torch.Tensor) -> torch.Tensor:
