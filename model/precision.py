@@ -42,5 +42,8 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.dtype == weight.dtype == torch.float32:
         return F.linear(x, weight)
     if x.is_cuda and x.dtype == weight.dtype and x.dtype in _LOW_PRECISION:
-        return torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
+        try:
+            return torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
+        except (RuntimeError, TypeError):  # a torch or GPU without the fp32-output GEMM: widen (exact, slower)
+            pass
     return F.linear(x.float(), weight.float())
