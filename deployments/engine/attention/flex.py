@@ -40,6 +40,8 @@ import torch._dynamo
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from deployments.engine.attention.gathered import GatheredLayout, gathered_attention, gathered_layout, worth_it
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -114,10 +116,14 @@ class FlexBackend:
         self.device = device
         self.compiled = compiled
         self.tokens_per_qblock = GPU_QUERY_BLOCK_TOKENS if device.type == "cuda" else 1
+        # CPU prefill steps: one SDPA over gathered windows (gathered.py), cheaper there than flex
+        self.gather_prefill = compiled and device.type == "cpu"
         self._logical_of = {g.name: torch.zeros(g.num_blocks + 1, dtype=torch.int32, device=device)
                             for g in kv.groups}
 
-    def layout(self, group: KVGroup, chunks: list[ScheduledChunk]) -> FlexLayout:
+    def layout(self, group: KVGroup, chunks: list[ScheduledChunk]) -> FlexLayout | GatheredLayout:
+        if self.gather_prefill and worth_it(chunks, group, self.kv.block_size):
+            return gathered_layout(group, chunks, self.kv.block_size, self.device)
         bs, nb, tpq = self.kv.block_size, group.num_blocks, self.tokens_per_qblock
         starts = np.array([c.start for c in chunks], dtype=np.int64)
         counts = np.array([c.num_tokens for c in chunks], dtype=np.int64)
@@ -221,8 +227,10 @@ class FlexBackend:
             return None
         return {"FORCE_USE_FLEX_ATTENTION": True, "BLOCK_M": 16, "BLOCK_N": block_size}
 
-    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: FlexLayout,
-                scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                layout: FlexLayout | GatheredLayout, scale: float) -> torch.Tensor:
+        if isinstance(layout, GatheredLayout):
+            return gathered_attention(q, k_cache, v_cache, layout, scale)
         num_tokens, heads, dim = q.shape
         num_blocks, bs, kv_heads, _ = k_cache.shape
         group = heads // kv_heads
