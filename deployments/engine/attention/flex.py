@@ -26,6 +26,10 @@ built on the host in one int32 buffer (numpy; pinned on CUDA) and copied once pe
 Shapes are padded to power-of-two buckets (tokens >= 16, window blocks >= 64), since `dynamic=True`
 does not compile on the CPU: each bucket compiles once per process (compiled kernels are shared by
 all engines through the module-level `torch.compile` cache).
+
+On the CPU, steps with prefill chunks do not use flex: its CPU kernel tiles queries by one token x
+the GQA group, and a prefill layer costs about twice one `scaled_dot_product_attention` over the
+windows gathered from the cache (gathered.py, `gather_prefill`). Decode-only steps stay with flex.
 """
 
 from __future__ import annotations
