@@ -60,6 +60,27 @@ def reference_kernel(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: Expert
 _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
 
+@torch.library.custom_op("herd::grouped_experts", mutates_args=())
+def grouped_experts(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: torch.Tensor,
+                    down_proj: torch.Tensor) -> torch.Tensor:
+    """`grouped_kernel` on dense weights as one opaque op: what a compiled step calls where
+    `_grouped_mm` itself does not trace (no fp32 meta kernel), so the step still compiles whole."""
+    return _grouped(x, counts, gate_up_proj, down_proj)
+
+
+@grouped_experts.register_fake
+def _grouped_experts_shape(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: torch.Tensor,
+                           down_proj: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], down_proj.shape[2])
+
+
+def _grouped(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+             ) -> torch.Tensor:
+    offs = counts.cumsum(0, dtype=torch.int32)  # [E] end row of each expert
+    gate, up = _grouped_mm(x, gate_up_proj, offs=offs).chunk(2, dim=-1)  # [N, inter] each
+    return _grouped_mm(F.silu(gate) * up, down_proj, offs=offs)  # [N, hidden]
+
+
 def grouped_kernel(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: ExpertWeight,
                    down_proj: ExpertWeight) -> torch.Tensor:
     """Two grouped GEMMs (gate/up, then down) over every expert at once, the group boundaries
@@ -68,12 +89,14 @@ def grouped_kernel(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: ExpertWe
     skipped), so small decode batches need no gather of the chosen experts' weights. Exact
     against `reference_kernel` in fp32 on the CPU (the same matmul per group). On CUDA the fast
     path (CUTLASS) takes bf16 on sm90/sm100; other dtypes use torch's per-group fallback, which
-    copies the offsets to the host. Quantized weights go to the reference (or `quantized`)."""
+    copies the offsets to the host. Quantized weights go to the reference (or `quantized`).
+    Under torch.compile, in dtypes other than bf16/fp16 (which `_grouped_mm` traces in), it is
+    the opaque op `herd::grouped_experts`."""
     if not (isinstance(gate_up_proj, torch.Tensor) and isinstance(down_proj, torch.Tensor)):
         return reference_kernel(x, counts, gate_up_proj, down_proj)
-    offs = counts.cumsum(0, dtype=torch.int32)  # [E] end row of each expert
-    gate, up = _grouped_mm(x, gate_up_proj, offs=offs).chunk(2, dim=-1)  # [N, inter] each
-    return _grouped_mm(F.silu(gate) * up, down_proj, offs=offs)  # [N, hidden]
+    if torch.compiler.is_compiling() and x.dtype not in (torch.bfloat16, torch.float16):
+        return grouped_experts(x, counts, gate_up_proj, down_proj)
+    return _grouped(x, counts, gate_up_proj, down_proj)
 
 
 def quantized_kernel(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: ExpertWeight,

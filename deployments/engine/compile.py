@@ -5,7 +5,8 @@ Two ways, chosen by what the backends allow:
 
 - **Whole step** (`StepCompiler.step_traceable`): when the attention backend and the routed
   experts both trace (no host syncs, no Python branching on data: `flex` attention, `grouped`
-  experts in bf16/fp16 -- `_grouped_mm` has no fp32 meta kernel, so not in fp32), the runner's
+  experts; in fp32, where `_grouped_mm` has no meta kernel, as the custom op
+  `herd::grouped_experts`, opaque to inductor but no graph break), the runner's
   whole forward (embeddings to final hidden states) is one compiled graph. Decode-only batches
   are padded to a bucket (1, 2, 4, ... max_num_seqs) with dummy one-token sequences that write
   into a scratch KV block, so each bucket compiles once; with `cuda_graphs` each bucket is
@@ -13,8 +14,8 @@ Two ways, chosen by what the backends allow:
   and mixed batches are padded to a few token-count buckets and compiled without graphs. (An
   opaque call inside the layer loop makes dynamo drop the whole frame to eager and compile each
   layer's pieces apart: far slower on the CPU, so a step either traces whole or goes per block.)
-- **Per block** otherwise (the reference backends: per-sequence loops, `.tolist()`; or fp32
-  grouped experts): each decoder block is compiled with the attention and routed-expert calls
+- **Per block** otherwise (the reference backends: per-sequence loops, `.tolist()`): each
+  decoder block is compiled with the attention and routed-expert calls
   left opaque (`torch.compiler.disable`; flex attention is compiled on its own), so the norms,
   projections, RoPE, router and shared expert fuse around them; shapes dynamic, so one compile
   per kind of layer, whatever the batch.
@@ -82,8 +83,10 @@ TRACEABLE_ATTENTION = frozenset({"flex"})
 
 
 def experts_trace(kernel: str, dtype: torch.dtype) -> bool:
-    """Whether the routed experts can be inside a compiled graph: the grouped kernel in 16 bits."""
-    return kernel == "grouped" and dtype in (torch.bfloat16, torch.float16)
+    """Whether the routed experts can be inside a compiled graph: the grouped kernel (in 16 bits
+    `_grouped_mm` traces; in other dtypes it is the opaque custom op `herd::grouped_experts`)."""
+    del dtype  # any: see model/expert_kernel.grouped_kernel
+    return kernel == "grouped"
 
 
 def _block(layer: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor, attend: Attend,

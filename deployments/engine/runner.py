@@ -52,6 +52,8 @@ class ModelRunner:
         self._forward_decode = self._forward_prefill = self._forward
         if compiler is not None and compiler.step_traceable:
             self._forward_decode, self._forward_prefill = compiler.compile_step(self._forward)
+            if hasattr(attention, "gather_prefill"):  # its layouts' shapes are not the compile buckets
+                attention.gather_prefill = False
         self._helper: ThreadPoolExecutor | None = None  # runs the second micro-batch
         # made by the first step split in micro-batches (which count experts at once); None until
         # then, so that a step of one micro-batch counts exactly as before (and traces whole)

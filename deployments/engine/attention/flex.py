@@ -26,6 +26,10 @@ built on the host in one int32 buffer (numpy; pinned on CUDA) and copied once pe
 Shapes are padded to power-of-two buckets (tokens >= 16, window blocks >= 64), since `dynamic=True`
 does not compile on the CPU: each bucket compiles once per process (compiled kernels are shared by
 all engines through the module-level `torch.compile` cache).
+
+On the CPU, steps with prefill chunks do not use flex: its CPU kernel tiles queries by one token x
+the GQA group, and a prefill layer costs about twice one `scaled_dot_product_attention` over the
+windows gathered from the cache (gathered.py, `gather_prefill`). Decode-only steps stay with flex.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from deployments.engine.attention.gathered import GatheredLayout, gathered_attention, gathered_layout, worth_it
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -114,10 +120,14 @@ class FlexBackend:
         self.device = device
         self.compiled = compiled
         self.tokens_per_qblock = GPU_QUERY_BLOCK_TOKENS if device.type == "cuda" else 1
+        # CPU prefill steps: one SDPA over gathered windows (gathered.py), cheaper there than flex
+        self.gather_prefill = compiled and device.type == "cpu"
         self._logical_of = {g.name: torch.zeros(g.num_blocks + 1, dtype=torch.int32, device=device)
                             for g in kv.groups}
 
-    def layout(self, group: KVGroup, chunks: list[ScheduledChunk]) -> FlexLayout:
+    def layout(self, group: KVGroup, chunks: list[ScheduledChunk]) -> FlexLayout | GatheredLayout:
+        if self.gather_prefill and worth_it(chunks, group, self.kv.block_size):
+            return gathered_layout(group, chunks, self.kv.block_size, self.device)
         bs, nb, tpq = self.kv.block_size, group.num_blocks, self.tokens_per_qblock
         starts = np.array([c.start for c in chunks], dtype=np.int64)
         counts = np.array([c.num_tokens for c in chunks], dtype=np.int64)
@@ -221,8 +231,10 @@ class FlexBackend:
             return None
         return {"FORCE_USE_FLEX_ATTENTION": True, "BLOCK_M": 16, "BLOCK_N": block_size}
 
-    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: FlexLayout,
-                scale: float) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                layout: FlexLayout | GatheredLayout, scale: float) -> torch.Tensor:
+        if isinstance(layout, GatheredLayout):
+            return gathered_attention(q, k_cache, v_cache, layout, scale)
         num_tokens, heads, dim = q.shape
         num_blocks, bs, kv_heads, _ = k_cache.shape
         group = heads // kv_heads

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from deployments.engine.compile import CompileSettings, StepCompiler, bucket_for, decode_buckets
+from deployments.engine.compile import CompileSettings, StepCompiler, bucket_for, decode_buckets, experts_trace
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.experts import UnframedBackend
@@ -105,3 +105,30 @@ def test_experts_run_elsewhere_never_trace_the_whole_step(scout_ckpt):
     assert colocated.runner.compiler is not None and colocated.runner.compiler.step_traceable
     remote = Engine(load(path, dtype=torch.bfloat16, experts=range(0, 0)), tok, cfg, experts=Elsewhere())
     assert remote.runner.compiler is not None and not remote.runner.compiler.step_traceable
+
+
+def test_fp32_fast_path_traces_whole_with_the_grouped_experts_op(scout_ckpt):
+    """flex + grouped in fp32: `_grouped_mm` has no fp32 meta kernel, so under compile the experts
+    are the opaque op `herd::grouped_experts` and the step still traces whole (dynamo, no codegen):
+    no graph break, the op in the graph, and the eager engine's tokens and logprobs."""
+    from torch._dynamo.utils import counters
+
+    _, path = scout_ckpt
+    batch = prompts(3, seed=5)
+    fast = dict(STEPS, attention_backend="flex", expert_kernel="grouped")
+    eager_tokens, eager_lp = run(Engine.from_pretrained(path, EngineConfig(**fast)), batch)
+    engine = Engine.from_pretrained(path, EngineConfig(**fast))
+    r = engine.runner
+    assert experts_trace("grouped", torch.float32)
+    compiler = StepCompiler(CompileSettings(True, False, backend="eager"), engine.kv, 8,
+                            attention_traceable=True, experts_traceable=True)
+    graphs: list[torch.fx.GraphModule] = []
+    compiler._decode_compile = compiler._prefill_compile = lambda fn: torch.compile(  # type: ignore[method-assign]
+        fn, backend=lambda gm, _: graphs.append(gm) or gm, dynamic=False)
+    engine.runner = ModelRunner(r.model, r.kv, r.cache, r.experts, r.attention, compiler)
+    counters.clear()
+    tokens, lp = run(engine, batch)
+    assert tokens == eager_tokens
+    torch.testing.assert_close(lp, eager_lp, atol=1e-5, rtol=0)
+    assert not counters["graph_break"]
+    assert graphs and all("herd.grouped_experts" in str(g.graph) for g in graphs)

@@ -2,7 +2,9 @@
 chunked groups, batches mixing prefill chunks and decode rows, sequences crossing an attention
 chunk boundary, sequences sharing prefix blocks, several batch sizes; GQA groups packed into the
 query axis (2, and 3 as Llama 4's 5 is not a power of two). Compiled (two token buckets: <= 16 and <= 32 tokens)
-and eager (which ignores the block list, so the mask alone must keep sequences apart)."""
+and eager (which ignores the block list, so the mask alone must keep sequences apart). On the CPU
+prefill steps go to one SDPA over gathered windows (gathered.py; `gather_prefill`): tested both
+ways."""
 
 import random
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from deployments.engine.attention.flex import FlexBackend
+from deployments.engine.attention.gathered import GatheredLayout
 from deployments.engine.attention.reference import ReferenceBackend
 from deployments.engine.kv_manager import KVGroup, KVManager
 from deployments.engine.scheduler import ScheduledChunk
@@ -63,16 +66,29 @@ def attend(backend, group, chunks, q, k_cache, v_cache) -> torch.Tensor:
     return backend.forward(q, k_cache, v_cache, layout, scale=SCALE)
 
 
+@pytest.mark.parametrize("gather", [False, True], ids=["flex-only", "gathered-prefill"])
 @pytest.mark.parametrize("chunk", [None, 8], ids=["causal", "chunked"])
 @pytest.mark.parametrize("batch", list(BATCHES), ids=list(BATCHES))
-def test_compiled_flex_equals_reference(batch, chunk):
+def test_compiled_flex_equals_reference(batch, chunk, gather):
     group = KVGroup("g", (0,), chunk, NUM_BLOCKS)
     kv = KVManager([group], BS)
     shared = 2 if "sharing" in batch else 0
     chunks, q, k_cache, v_cache = make_step(group, BATCHES[batch], seed=len(batch), shared_prefix=shared)
     want = attend(ReferenceBackend(kv, torch.device("cpu")), group, chunks, q, k_cache, v_cache)
-    got = attend(FlexBackend(kv, torch.device("cpu")), group, chunks, q, k_cache, v_cache)
+    flex = FlexBackend(kv, torch.device("cpu"))
+    flex.gather_prefill = gather
+    layout = flex.layout(group, chunks)
+    assert isinstance(layout, GatheredLayout) == (gather and batch in GATHERED[chunk])
+    got = flex.forward(q, k_cache, v_cache, layout, scale=SCALE)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert layout.slots.tolist() == ReferenceBackend(kv, torch.device("cpu")).layout(group, chunks).slots.tolist()
+
+
+# the batches whose padded SDPA costs at most gathered.MAX_PADDING x their work (the others, and
+# decode-only steps, stay with flex); "mixed" ones run as two parts, decode rows and prefill chunks
+_PREFILLS = {"one prefill across a chunk boundary", "prefill continuing after a chunk boundary",
+             "prefill and decodes sharing a prefix"}
+GATHERED = {None: _PREFILLS, 8: _PREFILLS | {"mixed prefill and decode", "32-token bucket"}}
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
