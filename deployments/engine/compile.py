@@ -11,7 +11,9 @@ Two ways, chosen by what the backends allow:
   are padded to a bucket (1, 2, 4, ... max_num_seqs) with dummy one-token sequences that write
   into a scratch KV block, so each bucket compiles once; with `cuda_graphs` each bucket is
   compiled with `mode="reduce-overhead"` (CUDA graph trees: one graph replay per step). Prefill
-  and mixed batches are padded to a few token-count buckets and compiled without graphs. (An
+  and mixed batches are padded to a few token-count buckets and compiled without graphs; on the
+  CPU, where flex gathers prefill windows for one SDPA (`FlexBackend.gather_prefill`), they run
+  eager and unpadded instead (faster there than compiled flex). (An
   opaque call inside the layer loop makes dynamo drop the whole frame to eager and compile each
   layer's pieces apart: far slower on the CPU, so a step either traces whole or goes per block.)
 - **Per block** otherwise (the reference backends: per-sequence loops, `.tolist()`): each
@@ -127,15 +129,18 @@ class StepCompiler:
 
         return self._decode_compile(decode), self._prefill_compile(prefill)
 
-    def pad(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], bool]:
+    def pad(self, chunks: list[ScheduledChunk], pad_prefill: bool = True) -> tuple[list[ScheduledChunk], bool]:
         """`chunks` padded to a bucket with dummy chunks (after the real ones; they never sample),
-        and whether the batch is decode-only. Unpadded when no bucket holds it."""
+        and whether the batch is decode-only. Unpadded when no bucket holds it, and batches with
+        prefill unpadded unless `pad_prefill` (they run eager)."""
         decode_only = all(c.num_tokens == 1 for c in chunks)
         if decode_only:
             size = bucket_for(len(chunks), self.decode_buckets)
             if size is None or size == len(chunks):
                 return chunks, True
             return chunks + [self._dummy(1) for _ in range(size - len(chunks))], True
+        if not pad_prefill:
+            return chunks, False
         tokens = sum(c.num_tokens for c in chunks)
         size = bucket_for(tokens, PREFILL_BUCKETS)
         if size is None or size == tokens:

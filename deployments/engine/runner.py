@@ -52,8 +52,10 @@ class ModelRunner:
         self._forward_decode = self._forward_prefill = self._forward
         if compiler is not None and compiler.step_traceable:
             self._forward_decode, self._forward_prefill = compiler.compile_step(self._forward)
-            if hasattr(attention, "gather_prefill"):  # its layouts' shapes are not the compile buckets
-                attention.gather_prefill = False
+            if getattr(attention, "gather_prefill", False):
+                # CPU: steps with prefill run eager over gathered windows (one SDPA per layer, faster there
+                # than compiled flex, and their shapes need no buckets); decode-only steps stay compiled
+                self._forward_prefill = self._forward
         self._helper: ThreadPoolExecutor | None = None  # runs the second micro-batch
         # made by the first step split in micro-batches (which count experts at once); None until
         # then, so that a step of one micro-batch counts exactly as before (and traces whole)
@@ -99,7 +101,8 @@ class ModelRunner:
         step, embedded, through the decoder layers; the logits of its sampling chunks."""
         run, decode_only = chunks, False
         if self.compiler is not None and self.compiler.step_traceable:
-            run, decode_only = self.compiler.pad(chunks)  # padding chunks come after the real ones, never sample
+            # padding chunks come after the real ones, never sample; an eager prefill is not padded
+            run, decode_only = self.compiler.pad(chunks, pad_prefill=self._forward_prefill is not self._forward)
         batch = inputs.stage(run)
         layouts = {g.name: self.attention.layout(g, run) for g in self.kv.groups}
         x = self._embed(batch)

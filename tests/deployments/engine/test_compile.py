@@ -79,7 +79,7 @@ def test_padding_to_buckets_changes_no_real_row(scout_ckpt):
     engine.runner = ModelRunner(r.model, r.kv, r.cache, r.experts, r.attention, compiler)
     padded = []
     pad = compiler.pad
-    compiler.pad = lambda chunks: padded.append(pad(chunks)) or padded[-1]  # type: ignore[method-assign]
+    compiler.pad = lambda chunks, **kw: padded.append(pad(chunks, **kw)) or padded[-1]  # type: ignore[method-assign]
     tokens, lp = run(engine, batch)
     assert tokens == eager_tokens
     torch.testing.assert_close(lp, eager_lp, atol=1e-5, rtol=0)
