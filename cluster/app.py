@@ -40,6 +40,14 @@ def build_app(args: dict | HerdConfig) -> Application:
 
     cfg = args if isinstance(args, HerdConfig) else HerdConfig.model_validate(args)
     config = cfg.model_dump()
-    router = RouterService.options(**_options(cfg.router_service), **_request_router(cfg.routing)).bind(config)
+    # The Ingress (the router service's only caller) enforces router_service.max_queued_requests
+    # itself, before preparing the prompt (deployments/ingress.py router_capacity_share). Serve's own
+    # check, which refuses later (after that work: 0.1-0.5 s measured), is kept as a backstop with
+    # twice the room, so that its accounting of finished requests, which lags the Ingress's, does not
+    # refuse what the Ingress admitted.
+    router_options = _options(cfg.router_service)
+    if cfg.router_service.max_queued_requests > 0:
+        router_options["max_queued_requests"] = 2 * cfg.router_service.max_queued_requests
+    router = RouterService.options(**router_options, **_request_router(cfg.routing)).bind(config)
     vision = VisionEncoder.options(**_options(cfg.vision)).bind(config)
     return Ingress.options(**_options(cfg.ingress)).bind(config, router, vision)

@@ -102,6 +102,9 @@ def check_prompt_tokens(num_tokens: int, max_model_len: int, field: str) -> None
                                 f"{max_model_len - 1} prompt tokens (max_model_len {max_model_len})")
 
 
+END_OF_STREAM_WAIT_S = 1.0  # after a request's last output, how long its router stream may take to end
+
+
 def router_capacity_share(cfg: HerdConfig) -> int | None:
     """Requests one Ingress replica may have in the router service at once: its share of the
     replicas' `max_ongoing_requests` plus its own handle's `max_queued_requests` (None: no queue
@@ -177,6 +180,10 @@ class Ingress:
                     raise self._timeout(req, "waiting for its next output") from None
                 yield replace(delta, request_id=req.request_id)
                 if delta.finished:
+                    # read the router's stream to its end (it ends right after), so that Serve frees the
+                    # replica's slot now rather than after a cancel: the early refusal counts the same slots
+                    with contextlib.suppress(StopAsyncIteration, TimeoutError):
+                        await asyncio.wait_for(response.__anext__(), END_OF_STREAM_WAIT_S)
                     break
         finally:
             response.cancel()  # a client that left, or a timeout, cancels its request (no-op when finished)

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from deployments.engine.engine import NOT_READY_RETRY_S, BatchUnavailable, Engine, EngineOverloaded
+from deployments.engine.engine import NOT_READY_RETRY_S, BatchUnavailable, Engine
 from deployments.engine.experts import ExpertBackendNotReady
 from deployments.engine.kv_transfer import KVChunk
 from deployments.engine.liveness import Heartbeat
@@ -107,9 +107,7 @@ class AsyncEngine:
     def check_admission(self) -> None:
         """EngineOverloaded at once when engine.max_waiting requests wait already: read off the engine
         thread (which may be busy with a step), so a fast refusal; add_request checks again there."""
-        waiting = len(self.engine.scheduler.waiting)
-        if waiting >= self.engine.config.max_waiting:
-            raise EngineOverloaded(f"{waiting} requests are already waiting; retry later")
+        self.engine.check_queue()
 
     async def _run(self) -> None:
         lockstep = self.engine.lockstep

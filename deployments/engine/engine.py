@@ -168,8 +168,7 @@ class Engine:
         if len(ids) >= self.max_model_len:
             raise InvalidInputError(f"prompt of {len(ids)} tokens is too long: this engine takes at most "
                                     f"{self.max_model_len - 1} prompt tokens")
-        if len(self.scheduler.waiting) >= self.config.max_waiting:
-            raise EngineOverloaded(f"{len(self.scheduler.waiting)} requests are already waiting; retry later")
+        self.check_queue()
         seq = Sequence(request_id=request_id, tokens=ids, num_prompt_tokens=len(ids), params=params,
                        arrival=next(self._arrivals), patch_token_id=self.model.cfg.image_token_index,
                        images=list(images), cache_salt=cache_salt, generator=self._generator(params))
@@ -201,6 +200,14 @@ class Engine:
         if num_patch != num_rows:
             raise InvalidInputError(f"the prompt has {num_patch} <|patch|> tokens but its images give {num_rows} "
                                     "embeddings: expand each image placeholder with model.prompt.expand_image_tokens")
+
+    def check_queue(self) -> None:
+        """EngineOverloaded when `max_waiting` requests wait beyond the running slots that are free: a
+        request that will be admitted at the next step (a slot freed by one that just finished) is
+        not counted as waiting. Safe to call off the engine thread (reads two lengths)."""
+        waiting = len(self.scheduler.waiting) - max(0, self.config.max_num_seqs - len(self.scheduler.running))
+        if waiting >= self.config.max_waiting:
+            raise EngineOverloaded(f"{waiting} requests are already waiting; retry later")
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request and free its KV blocks at once; False if it is unknown or done."""

@@ -91,7 +91,9 @@ def test_a_different_image_is_a_miss(engine):
 
 
 def test_admission_limits(path):
-    engine = Engine.from_pretrained(path, CFG.model_copy(update={"max_waiting": 2, "max_model_len": 64}))
+    # one running slot: requests beyond it wait, and beyond max_waiting of those they are refused
+    engine = Engine.from_pretrained(path, CFG.model_copy(update={"max_waiting": 2, "max_model_len": 64,
+                                                                 "max_num_seqs": 1}))
     with pytest.raises(InvalidInputError, match="too long"):
         engine.add_request(list(range(3, 70)), greedy(1))
     with pytest.raises(InvalidInputError, match="outside the vocabulary"):
@@ -102,7 +104,8 @@ def test_admission_limits(path):
     with pytest.raises(InvalidInputError, match="already running"):
         engine.add_request([5, 6], greedy(1), request_id="x")
     engine.add_request([5, 6], greedy(1))
-    with pytest.raises(EngineOverloaded, match="retry later"):
+    engine.add_request([5, 6], greedy(1))  # 3 waiting, 1 of them takes the free slot at the next step
+    with pytest.raises(EngineOverloaded, match="2 requests are already waiting"):
         engine.add_request([5, 6], greedy(1))
 
 

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from deployments.engine.async_engine import AsyncEngine
+from deployments.engine.engine import Engine
 from deployments.engine.liveness import EngineStuck, Heartbeat, liveness_problem
 
 
@@ -38,10 +39,13 @@ class StuckEngine:
     lockstep = False  # its experts need no idle steps (Engine.lockstep)
 
     def __init__(self, stuck_after_s: float, max_waiting: int = 10):
-        self.config = SimpleNamespace(stuck_after_s=stuck_after_s, max_waiting=max_waiting)
-        self.scheduler = SimpleNamespace(waiting=[])
+        # one running slot, taken: every added request waits
+        self.config = SimpleNamespace(stuck_after_s=stuck_after_s, max_waiting=max_waiting, max_num_seqs=1)
+        self.scheduler = SimpleNamespace(waiting=[], running=["r0"])
         self.requests: set[str] = set()
         self.num_step_calls = 0
+
+    check_queue = Engine.check_queue
 
     def add_request(self, prompt_ids, params, *, request_id, **kwargs):
         self.requests.add(request_id)
