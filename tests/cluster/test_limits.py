@@ -62,8 +62,8 @@ def test_a_grpc_message_above_max_body_bytes_is_invalid_argument(overload):
 
 def test_overload_is_refused_at_once_and_accepted_requests_complete(overload, victim_alone):
     """Ten requests beside a running stream, on a replica that holds three: the excess gets 429 /
-    RESOURCE_EXHAUSTED (from the Ingress at its share of the router service, or the engine's max_waiting), every accepted one
-    completes, and the stream finishes with its solo tokens."""
+    RESOURCE_EXHAUSTED (from the Ingress at its share of the router service, or the engine's
+    max_waiting), every accepted one completes, and the stream finishes with its solo tokens."""
     victim = Stream(overload, VICTIM)
     victim.start()
     assert victim.started.wait(60)
