@@ -1,12 +1,27 @@
-"""Engine replicas of an expert group as threads of the test process."""
+"""Engine replicas of an expert group as threads of the test process, and the checkpoint the
+expert-group tests share."""
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
+
+import torch
 
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
 from deployments.expert_group import ExpertsUnavailable
+from model.synth import synthesize
+
+
+def top2_tiny_scout(path: Path, dtype: torch.dtype) -> Path:
+    """tiny-scout (seed 7, `dtype`) with top-2 routing, so that a token's experts can sit on both shards."""
+    synthesize(path, "tiny-scout", seed=7, dtype=dtype, progress=False)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["num_experts_per_tok"] = 2
+    (path / "config.json").write_text(json.dumps(config))
+    return path
 
 
 def run_replicas(engines: dict[str, Engine], prompts: dict, params: SamplingParams, leave: bool = True) -> dict:

@@ -5,7 +5,6 @@ run union batches; a member that leaves fails the others fast instead of hanging
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -21,9 +20,8 @@ from deployments.engine.params import SamplingParams
 from deployments.engine.runner import split_tokens
 from deployments.expert_group import ExpertsUnavailable, GroupSpec, ShardStats, Wire, serve_shard_generation
 from model.checkpoint import load, load_expert_shard
-from model.synth import synthesize
 from model.tokenizer import Tokenizer
-from tests.deployments.replicas import run_replicas
+from tests.deployments.replicas import run_replicas, top2_tiny_scout
 
 ENGINE = EngineConfig(block_size=4, max_num_batched_tokens=32, max_num_seqs=4, kv_cache_bytes=8 * 2**20)
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -32,13 +30,7 @@ PROMPTS = {"a": [[5, 17, 99, 230, 41, 8], [300, 12, 77, 150]], "b": [[7, 7, 7, 1
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """tiny-scout (fp32) with top-2 routing, so that a token's experts can sit on both shards."""
-    path = tmp_path_factory.mktemp("tiny-scout-top2-fp32")
-    synthesize(path, "tiny-scout", seed=7, dtype=torch.float32, progress=False)
-    config = json.loads((path / "config.json").read_text())
-    config["text_config"]["num_experts_per_tok"] = 2
-    (path / "config.json").write_text(json.dumps(config))
-    return path
+    return top2_tiny_scout(tmp_path_factory.mktemp("tiny-scout-top2-fp32"), torch.float32)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ scores and int64 expert ids are not read as bf16."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -34,9 +33,8 @@ from deployments.expert_shard import (
     wait_until_alive,
 )
 from model.checkpoint import load
-from model.synth import synthesize
 from model.tokenizer import Tokenizer
-from tests.deployments.replicas import run_replicas
+from tests.deployments.replicas import run_replicas, top2_tiny_scout
 
 DTYPE = torch.bfloat16
 ENGINE = EngineConfig(block_size=4, max_num_batched_tokens=32, max_num_seqs=4, kv_cache_bytes=8 * 2**20)
@@ -48,13 +46,7 @@ KERNEL = "grouped"  # the shards' kernel (engine.expert_kernel), not the colocat
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """tiny-scout with top-2 routing, so that a token's experts can sit on both shards."""
-    path = tmp_path_factory.mktemp("tiny-scout-top2")
-    synthesize(path, "tiny-scout", seed=7, dtype=DTYPE, progress=False)
-    config = json.loads((path / "config.json").read_text())
-    config["text_config"]["num_experts_per_tok"] = 2
-    (path / "config.json").write_text(json.dumps(config))
-    return path
+    return top2_tiny_scout(tmp_path_factory.mktemp("tiny-scout-top2"), DTYPE)
 
 
 @pytest.fixture(scope="module")
