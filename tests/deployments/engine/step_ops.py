@@ -3,16 +3,18 @@
 `profile_step(engine)` runs `engine.step()` once and returns `StepOps`: the aten ops called from
 Python (top level: an op not nested in another aten op), every aten op, the calls into compiled
 code (`torch.compile` regions: the flex attention backend makes one per layer), and the torch
-functions and tensor methods Python called (`tolist`, `item`, ... which read the device without an
-aten op on the CPU). Structure tests assert on these counts, and `bench/engine_bench.py` prints
+tensor methods Python called that read the device (`tolist`, `item`, ..., some without an aten op
+on the CPU). Structure tests assert on these counts, and `bench/engine_bench.py` prints
 them per decode step."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from torch.overrides import TorchFunctionMode
+import torch
 from torch.profiler import ProfilerActivity, profile
 
 GEMMS = ("aten::linear", "aten::matmul", "aten::mm", "aten::bmm", "aten::addmm", "aten::_grouped_mm")
@@ -24,7 +26,7 @@ SYNC_CALLS = ("tolist", "item", "nonzero", "bincount", "__bool__", "__int__", "_
 class StepOps:
     top: Counter  # aten ops called from Python
     all: Counter  # every aten op, nested ones included
-    calls: Counter  # torch functions / Tensor methods called from Python, by name
+    calls: Counter  # SYNC_CALLS Tensor methods called from Python, by name
     compiled_regions: int = 0  # calls into torch.compile'd code ("Torch-Compiled Region" events)
 
     @property
@@ -45,18 +47,31 @@ class StepOps:
         return found | {name: self.calls[name] for name in SYNC_CALLS if self.calls[name]}
 
 
-class _Calls(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: Counter = Counter()
+@contextlib.contextmanager
+def _counting_calls(calls: Counter) -> Iterator[None]:
+    """Count the SYNC_CALLS Tensor methods Python calls, by patching them for the duration (not a
+    TorchFunctionMode: dynamo traces an active mode into compiled regions and recompiles them for
+    every change of its state, so the profiled step would count compilation)."""
+    originals = {name: getattr(torch.Tensor, name) for name in SYNC_CALLS if hasattr(torch.Tensor, name)}
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls[getattr(func, "__name__", str(func))] += 1
-        return func(*args, **(kwargs or {}))
+    def counted(name: str, method: Callable) -> Callable:
+        def call(self, *args, **kwargs):
+            calls[name] += 1
+            return method(self, *args, **kwargs)
+        return call
+
+    for name, method in originals.items():
+        setattr(torch.Tensor, name, counted(name, method))
+    try:
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
 
 
 def profile_step(engine) -> StepOps:
-    with profile(activities=[ProfilerActivity.CPU]) as prof, _Calls() as mode:
+    calls: Counter = Counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof, _counting_calls(calls):
         engine.step()
     top: Counter = Counter()
     every: Counter = Counter()
@@ -72,4 +87,4 @@ def profile_step(engine) -> StepOps:
             parent = parent.cpu_parent
         if parent is None:
             top[event.name] += 1
-    return StepOps(top, every, mode.calls, regions)
+    return StepOps(top, every, calls, regions)
