@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from model.errors import check_known
+from model.fusion import realize
 from model.quantization import ExpertWeight, Fp8ExpertWeights, Int4ExpertWeights, expert_matmul, fp8_quantize_rows
 
 
@@ -74,6 +75,28 @@ def _grouped_experts_shape(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: 
     return x.new_empty(x.shape[0], down_proj.shape[2])
 
 
+# Under torch.compile on the CPU, up to this many rows (decode steps: batch x top-k) run `_per_row`:
+# measured on 2 cores, small-scout widths (hidden 256, inter 256, 16 experts), 8 layers: 6-9 ms at 64
+# rows vs 11 ms through `_grouped_mm` (whose per-expert GEMMs of ~4 rows are far from the memory
+# floor, ~3 ms), 3 vs 9 ms at 16 rows, even at 128 rows, slower from 256 (bench/RESULTS.md).
+PER_ROW_MAX_ROWS = 128
+
+
+def _per_row(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+             ) -> torch.Tensor:
+    """Each row times its own expert's weights, written as a gather + multiply + sum that inductor
+    fuses into one loop per projection (the weights are read in place, never gathered into a copy;
+    rows of one expert are adjacent, so its weights are still in cache for the next row). For
+    compiled CPU decode steps only: eager, the gather materializes `[N, hidden, 2 * inter]`."""
+    ends = counts.cumsum(0)
+    rows = torch.arange(x.shape[0], device=x.device)
+    expert = torch.searchsorted(ends, rows, right=True).clamp(max=counts.numel() - 1)  # padding: any expert
+    x, expert = realize(x), realize(expert)  # not recomputed inside the sums' loops (model/fusion.py)
+    gate, up = (x[:, :, None] * gate_up_proj[expert]).sum(1).chunk(2, dim=-1)  # [N, inter] each
+    act = realize(F.silu(gate) * up)
+    return (act[:, :, None] * down_proj[expert]).sum(1)  # [N, hidden]
+
+
 def _grouped(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
              ) -> torch.Tensor:
     offs = counts.cumsum(0, dtype=torch.int32)  # [E] end row of each expert
@@ -90,12 +113,15 @@ def grouped_kernel(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: ExpertWe
     against `reference_kernel` in fp32 on the CPU (the same matmul per group). On CUDA the fast
     path (CUTLASS) takes bf16 on sm90/sm100; other dtypes use torch's per-group fallback, which
     copies the offsets to the host. Quantized weights go to the reference (or `quantized`).
-    Under torch.compile, in dtypes other than bf16/fp16 (which `_grouped_mm` traces in), it is
-    the opaque op `herd::grouped_experts`."""
+    Under torch.compile: on the CPU, up to `PER_ROW_MAX_ROWS` rows, the fused `_per_row`; otherwise,
+    in dtypes other than bf16/fp16 (which `_grouped_mm` traces in), the opaque op `herd::grouped_experts`."""
     if not (isinstance(gate_up_proj, torch.Tensor) and isinstance(down_proj, torch.Tensor)):
         return reference_kernel(x, counts, gate_up_proj, down_proj)
-    if torch.compiler.is_compiling() and x.dtype not in (torch.bfloat16, torch.float16):
-        return grouped_experts(x, counts, gate_up_proj, down_proj)
+    if torch.compiler.is_compiling():
+        if x.device.type == "cpu" and x.shape[0] <= PER_ROW_MAX_ROWS:
+            return _per_row(x, counts, gate_up_proj, down_proj)
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            return grouped_experts(x, counts, gate_up_proj, down_proj)
     return _grouped(x, counts, gate_up_proj, down_proj)
 
 

@@ -85,6 +85,26 @@ def test_grouped_kernel_equals_reference_exactly(seed):
     assert expert_kernel("grouped") is grouped_kernel
 
 
+def test_per_row_form_equals_reference_eager_and_compiled():
+    """The form compiled CPU decode steps take (`_per_row`, gather + multiply + sum, fused by
+    inductor): the reference's rows within fp32 rounding (another order of the sums), eager and
+    compiled, with empty experts and padding rows; compiled, `grouped_kernel` takes it up to
+    `PER_ROW_MAX_ROWS` rows."""
+    from model import expert_kernel as ek
+
+    g = torch.Generator().manual_seed(7)
+    experts, hidden, inter = 6, 32, 16
+    gate_up = torch.randn(experts, hidden, 2 * inter, generator=g)
+    down = torch.randn(experts, inter, hidden, generator=g)
+    counts = torch.tensor([3, 0, 1, 4, 0, 2])
+    x = torch.randn(int(counts.sum()) + 3, hidden, generator=g)  # 3 padding rows
+    want = reference_kernel(x, counts, gate_up, down)[:10]
+    torch.testing.assert_close(ek._per_row(x, counts, gate_up, down)[:10], want, atol=1e-4, rtol=1e-5)
+    compiled = torch.compile(grouped_kernel, dynamic=False, fullgraph=True)
+    assert x.shape[0] <= ek.PER_ROW_MAX_ROWS
+    torch.testing.assert_close(compiled(x, counts, gate_up, down)[:10], want, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("shard", [range(0, 8), range(0, 3), range(3, 8), range(5, 6)])
 def test_experts_forward_grouped_equals_reference(top_k, shard):

@@ -107,11 +107,17 @@ def test_experts_run_elsewhere_never_trace_the_whole_step(scout_ckpt):
     assert remote.runner.compiler is not None and not remote.runner.compiler.step_traceable
 
 
-def test_fp32_fast_path_traces_whole_with_the_grouped_experts_op(scout_ckpt):
+def test_fp32_fast_path_traces_whole_with_the_grouped_experts_op(scout_ckpt, monkeypatch):
     """flex + grouped in fp32: `_grouped_mm` has no fp32 meta kernel, so under compile the experts
     are the opaque op `herd::grouped_experts` and the step still traces whole (dynamo, no codegen):
-    no graph break, the op in the graph, and the eager engine's tokens and logprobs."""
+    no graph break, the op in the graph of steps over `PER_ROW_MAX_ROWS` rows (here 1: decode
+    buckets of 2 and 4), the traced per-row form in the others, and the eager engine's tokens and
+    logprobs."""
     from torch._dynamo.utils import counters
+
+    from model import expert_kernel
+
+    monkeypatch.setattr(expert_kernel, "PER_ROW_MAX_ROWS", 1)
 
     _, path = scout_ckpt
     batch = prompts(3, seed=5)
@@ -131,4 +137,5 @@ def test_fp32_fast_path_traces_whole_with_the_grouped_experts_op(scout_ckpt):
     assert tokens == eager_tokens
     torch.testing.assert_close(lp, eager_lp, atol=1e-5, rtol=0)
     assert not counters["graph_break"]
-    assert graphs and all("herd.grouped_experts" in str(g.graph) for g in graphs)
+    with_op = ["herd.grouped_experts" in str(g.graph) for g in graphs]
+    assert any(with_op) and not all(with_op), with_op

@@ -3,8 +3,8 @@ chunked groups, batches mixing prefill chunks and decode rows, sequences crossin
 chunk boundary, sequences sharing prefix blocks, several batch sizes; GQA groups packed into the
 query axis (2, and 3 as Llama 4's 5 is not a power of two). Compiled (two token buckets: <= 16 and <= 32 tokens)
 and eager (which ignores the block list, so the mask alone must keep sequences apart). On the CPU
-prefill steps go to one SDPA over gathered windows (gathered.py; `gather_prefill`): tested both
-ways."""
+prefill steps go to one SDPA over gathered windows (gathered.py; `gather_prefill`) and decode-only
+steps to `ring_decode`: tested both ways."""
 
 import random
 
@@ -66,7 +66,7 @@ def attend(backend, group, chunks, q, k_cache, v_cache) -> torch.Tensor:
     return backend.forward(q, k_cache, v_cache, layout, scale=SCALE)
 
 
-@pytest.mark.parametrize("gather", [False, True], ids=["flex-only", "gathered-prefill"])
+@pytest.mark.parametrize("gather", [False, True], ids=["flex-only", "cpu-paths"])
 @pytest.mark.parametrize("chunk", [None, 8], ids=["causal", "chunked"])
 @pytest.mark.parametrize("batch", list(BATCHES), ids=list(BATCHES))
 def test_compiled_flex_equals_reference(batch, chunk, gather):
@@ -76,9 +76,10 @@ def test_compiled_flex_equals_reference(batch, chunk, gather):
     chunks, q, k_cache, v_cache = make_step(group, BATCHES[batch], seed=len(batch), shared_prefix=shared)
     want = attend(ReferenceBackend(kv, torch.device("cpu")), group, chunks, q, k_cache, v_cache)
     flex = FlexBackend(kv, torch.device("cpu"))
-    flex.gather_prefill = gather
+    flex.gather_prefill = flex.ring_decode = gather
     layout = flex.layout(group, chunks)
     assert isinstance(layout, GatheredLayout) == (gather and batch in GATHERED[chunk])
+    assert getattr(layout, "decode", False) == (gather and all(new == 1 for _, new in BATCHES[batch]))
     got = flex.forward(q, k_cache, v_cache, layout, scale=SCALE)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert layout.slots.tolist() == ReferenceBackend(kv, torch.device("cpu")).layout(group, chunks).slots.tolist()
