@@ -5,7 +5,8 @@ Why: the CPU flex kernel tiles queries by the block mask's query block (one toke
 4 rows on Llama 4 shapes) and keys by one cache block, so a prefill step spends most of its
 attention time in per-tile overhead; measured on small-scout (2 cores, fp32), a 2048-token prefill
 layer took ~20 ms in compiled flex and ~10 ms as one batched SDPA with the window gathered (see
-bench/RESULTS.md). Decode steps stay with flex (it reads the cache in place, no copy).
+bench/RESULTS.md). Decode-only steps do not come here (flex.py's `ring_decode`, reading the cache
+in place).
 
 Layout: the step's sequences are rows of a padded batch `[S, Lq]` (queries) x `[S, W * block_size]`
 (keys: the physical blocks of each sequence's window, logical blocks lo..hi, gathered); a boolean
@@ -14,7 +15,6 @@ Padding query rows see one key (their output is dropped): a fully masked row wou
 A step that mixes decode rows and prefill chunks is two such batches (two SDPA calls per layer:
 padding one-token rows to a chunk's length would cost more); a part whose padding would cost more
 than MAX_PADDING x its real work (chunks of very different lengths) leaves the step to flex.
-Decode-only steps always stay with flex: one call per layer.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _parts(chunks: list[ScheduledChunk]) -> list[list[int]]:
 
 def worth_it(chunks: list[ScheduledChunk], group: KVGroup, block_size: int) -> bool:
     """Whether this is a step with prefill chunks and each part's padded batch costs at most
-    MAX_PADDING x the attention work of its chunks (decode-only steps stay with flex)."""
+    MAX_PADDING x the attention work of its chunks (decode-only steps never)."""
     if all(c.num_tokens == 1 for c in chunks):
         return False
     for part in _parts(chunks):

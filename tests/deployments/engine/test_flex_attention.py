@@ -86,7 +86,7 @@ def test_compiled_flex_equals_reference(batch, chunk, gather):
 
 
 # the batches whose padded SDPA costs at most gathered.MAX_PADDING x their work (the others, and
-# decode-only steps, stay with flex); "mixed" ones run as two parts, decode rows and prefill chunks
+# decode-only steps, do not); "mixed" ones run as two parts, decode rows and prefill chunks
 _PREFILLS = {"one prefill across a chunk boundary", "prefill continuing after a chunk boundary",
              "prefill and decodes sharing a prefix"}
 GATHERED = {None: _PREFILLS, 8: _PREFILLS | {"mixed prefill and decode", "32-token bucket"}}
