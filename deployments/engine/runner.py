@@ -50,12 +50,15 @@ class ModelRunner:
         self.inputs = [StepInputs(kv, self.device)]  # one staging buffer per micro-batch (they run at once)
         self.compiler = compiler
         self._forward_decode = self._forward_prefill = self._forward
+        self._pad_prefill = True  # to the compiled prefill's token buckets (not when prefill runs eager)
         if compiler is not None and compiler.step_traceable:
             self._forward_decode, self._forward_prefill = compiler.compile_step(self._forward)
             if getattr(attention, "gather_prefill", False):
                 # CPU: steps with prefill run eager over gathered windows (one SDPA per layer, faster there
-                # than compiled flex, and their shapes need no buckets); decode-only steps stay compiled
+                # than compiled flex, and their shapes need no buckets); decode-only steps stay compiled.
+                # (Compiling their blocks apart, dynamic shapes, measured no faster: bench/RESULTS.md.)
                 self._forward_prefill = self._forward
+                self._pad_prefill = False
         self._helper: ThreadPoolExecutor | None = None  # runs the second micro-batch
         # made by the first step split in micro-batches (which count experts at once); None until
         # then, so that a step of one micro-batch counts exactly as before (and traces whole)
@@ -102,7 +105,7 @@ class ModelRunner:
         run, decode_only = chunks, False
         if self.compiler is not None and self.compiler.step_traceable:
             # padding chunks come after the real ones, never sample; an eager prefill is not padded
-            run, decode_only = self.compiler.pad(chunks, pad_prefill=self._forward_prefill is not self._forward)
+            run, decode_only = self.compiler.pad(chunks, pad_prefill=self._pad_prefill)
         batch = inputs.stage(run)
         layouts = {g.name: self.attention.layout(g, run) for g in self.kv.groups}
         x = self._embed(batch)

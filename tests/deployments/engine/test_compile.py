@@ -139,3 +139,28 @@ def test_fp32_fast_path_traces_whole_with_the_grouped_experts_op(scout_ckpt, mon
     assert not counters["graph_break"]
     with_op = ["herd.grouped_experts" in str(g.graph) for g in graphs]
     assert any(with_op) and not all(with_op), with_op
+
+
+def test_cpu_eager_prefill_is_not_padded(scout_ckpt):
+    """On the CPU the whole-step compile runs prefill steps eager over gathered windows: they are not
+    padded to the compiled prefill's token buckets (a dummy chunk would add up to as many tokens
+    again); decode-only steps run as one of their buckets."""
+    _, path = scout_ckpt
+    fast = dict(STEPS, attention_backend="flex", expert_kernel="grouped")
+    engine = Engine.from_pretrained(path, EngineConfig(**fast))
+    r = engine.runner
+    compiler = StepCompiler(CompileSettings(True, False, backend="eager"), engine.kv, 8,
+                            attention_traceable=True, experts_traceable=True)
+    engine.runner = ModelRunner(r.model, r.kv, r.cache, r.experts, r.attention, compiler)
+    padded: list[tuple[int, int, bool]] = []  # (real tokens, tokens run, decode-only)
+    pad = compiler.pad
+
+    def recording(chunks, pad_prefill=True):
+        run, decode_only = pad(chunks, pad_prefill)
+        padded.append((sum(c.num_tokens for c in chunks), sum(c.num_tokens for c in run), decode_only))
+        return run, decode_only
+
+    compiler.pad = recording  # type: ignore[method-assign]
+    run(engine, prompts(3, seed=11), n=3)
+    assert any(not d for *_, d in padded) and all(real == ran for real, ran, d in padded if not d), padded
+    assert all(ran in compiler.decode_buckets for _, ran, d in padded if d), padded
