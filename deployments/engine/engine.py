@@ -41,7 +41,7 @@ from deployments.engine.scheduler import ScheduledChunk, Scheduler
 from deployments.engine.sequence import ImageInput, Sequence
 from deployments.engine.validation import check_encodable
 from model.errors import ConfigError, InvalidInputError
-from model.expert_kernel import expert_kernel, resolve_expert_kernel
+from model.expert_kernel import column_major, expert_kernel, resolve_expert_kernel
 from model.llama4 import Llama4
 from model.moe import Experts
 from model.tokenizer import Tokenizer
@@ -92,8 +92,10 @@ class Engine:
         attention = attention_backend(resolve_attention_backend(self.config.attention_backend, model.device))(
             self.kv, model.device)
         experts = experts or ColocatedExperts(model)
-        self.runner = ModelRunner(model, self.kv, cache, experts, attention,
-                                 self._compiler(model.device, colocated=isinstance(experts, ColocatedExperts)))
+        compiler = self._compiler(model.device, colocated=isinstance(experts, ColocatedExperts))
+        if compiler is not None and compiler.step_traceable and model.device.type == "cpu":
+            store_experts_column_major(model)  # for the compiled decode step's per-row experts
+        self.runner = ModelRunner(model, self.kv, cache, experts, attention, compiler)
         self.scheduler = Scheduler(self.config, self.kv)
         self.sampler = Sampler()
         self.max_model_len = min(self.config.max_model_len or text.max_position_embeddings,
@@ -358,6 +360,15 @@ def use_expert_kernel(model: Llama4, name: str) -> None:
     for module in model.modules():
         if isinstance(module, Experts):
             module.kernel = kernel
+
+
+def store_experts_column_major(model: Llama4) -> None:
+    """Store the model's dense routed-expert weights column-major per expert (model/expert_kernel.py:
+    `column_major`; the same values and shapes, another memory layout)."""
+    for module in model.modules():
+        if isinstance(module, Experts) and isinstance(module.gate_up_proj, torch.Tensor) \
+                and isinstance(module.down_proj, torch.Tensor):
+            module.set_weights(column_major(module.gate_up_proj.data), column_major(module.down_proj.data))
 
 
 def experts_quantized(model: Llama4) -> bool:

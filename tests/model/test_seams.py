@@ -103,6 +103,11 @@ def test_per_row_form_equals_reference_eager_and_compiled():
     compiled = torch.compile(grouped_kernel, dynamic=False, fullgraph=True)
     assert x.shape[0] <= ek.PER_ROW_MAX_ROWS
     torch.testing.assert_close(compiled(x, counts, gate_up, down)[:10], want, atol=1e-4, rtol=1e-5)
+    # the weights stored column-major per expert (as Engine stores them for compiled CPU steps)
+    gate_up_cm, down_cm = ek.column_major(gate_up), ek.column_major(down)
+    assert torch.equal(gate_up_cm, gate_up) and gate_up_cm.stride() == (hidden * 2 * inter, 1, hidden)
+    torch.testing.assert_close(compiled(x, counts, gate_up_cm, down_cm)[:10], want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(grouped_kernel(x, counts, gate_up_cm, down_cm)[:10], want, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])

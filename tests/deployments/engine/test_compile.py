@@ -164,3 +164,22 @@ def test_cpu_eager_prefill_is_not_padded(scout_ckpt):
     run(engine, prompts(3, seed=11), n=3)
     assert any(not d for *_, d in padded) and all(real == ran for real, ran, d in padded if not d), padded
     assert all(ran in compiler.decode_buckets for _, ran, d in padded if d), padded
+
+
+def test_compiled_cpu_engine_stores_routed_experts_column_major(scout_ckpt):
+    """The whole-step compile on the CPU stores each expert's matrices column-major (the layout the
+    compiled per-row experts read fastest): the same values; eager engines keep the checkpoint's."""
+    from model.moe import Experts
+
+    _, path = scout_ckpt
+    fast = dict(STEPS, attention_backend="flex", expert_kernel="grouped")
+    eager = Engine.from_pretrained(path, EngineConfig(**fast))
+    compiled = Engine.from_pretrained(path, EngineConfig(**fast, compile=True))
+    pairs = [(a, b) for a, b in zip(eager.model.modules(), compiled.model.modules(), strict=True)
+             if isinstance(a, Experts)]
+    assert pairs
+    for a, b in pairs:
+        for name in ("gate_up_proj", "down_proj"):
+            w, cm = getattr(a, name), getattr(b, name)
+            assert w.is_contiguous() and not cm.is_contiguous() and cm.transpose(1, 2).is_contiguous()
+            assert torch.equal(w, cm)
