@@ -23,9 +23,10 @@ cells holding other blocks, so they never pass the check.
 
 Everything a step needs (token -> sequence, position, window start, rings, slots, block lists) is
 built on the host in one int32 buffer (numpy; pinned on CUDA) and copied once per step and group.
-Shapes are padded to power-of-two buckets (tokens >= 16, window blocks >= 64), since `dynamic=True`
-does not compile on the CPU: each bucket compiles once per process (compiled kernels are shared by
-all engines through the module-level `torch.compile` cache).
+Shapes are padded to power-of-two buckets (tokens >= 16, window blocks >= 64; for `ring_decode`
+tokens >= 1, window blocks >= 16), since `dynamic=True` does not compile on the CPU: each bucket
+compiles once per process (compiled kernels are shared by all engines through the module-level
+`torch.compile` cache).
 
 On the CPU flex is slow at both ends: its kernel tiles queries by one token x the GQA group and
 keys by one cache block. Steps with prefill chunks attend with one `scaled_dot_product_attention`
@@ -142,14 +143,14 @@ class FlexBackend:
         starts = np.array([c.start for c in chunks], dtype=np.int64)
         counts = np.array([c.num_tokens for c in chunks], dtype=np.int64)
         num_seqs, num_tokens = len(chunks), int(counts.sum())
-        t_pad = _bucket(num_tokens, MIN_TOKENS)
+        decode = self.ring_decode and num_tokens == num_seqs
+        t_pad = _bucket(num_tokens, 1 if decode else MIN_TOKENS)  # ring_decode computes every padding row
         num_qblocks = t_pad // tpq
 
         # each sequence's window blocks this step: logical lo..hi
         first_window = starts // group.chunk * group.chunk if group.chunk is not None else np.zeros_like(starts)
         lo, hi = first_window // bs, (starts + counts - 1) // bs
         span = hi - lo + 1
-        decode = self.ring_decode and num_tokens == num_seqs
         width = _bucket(int(span.max()), MIN_DECODE_WINDOW_BLOCKS if decode else MIN_WINDOW_BLOCKS)
         max_listed = min(nb, tpq * width)
         # The CPU kernel wants a block list as long as the whole cache (num_blocks entries) though
