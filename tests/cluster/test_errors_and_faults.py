@@ -1,8 +1,9 @@
 """Bad input on both APIs gets INVALID_ARGUMENT / HTTP 4xx with a message and never hurts a
 replica. Two router-service replicas and two expert shards form one expert group (collective
 transport, gloo): concurrent requests on both replicas give the colocated tokens and the shards run
-union batches; a shard killed mid-generation fails its requests with UNAVAILABLE within 5 s,
-restarts, the group re-forms and later requests give the colocated tokens again; a killed
+union batches; a shard killed mid-step fails that step's requests with UNAVAILABLE within 5 s (killed
+between steps, the requests wait for it), restarts, the group re-forms and later requests give the
+colocated tokens again; a killed
 router-service replica leaves the group and the other keeps serving."""
 
 import base64
@@ -146,12 +147,14 @@ def test_killed_shard_fails_fast_then_recovers(sharded):
     shard, _ = ray.get(pool().shards_and_ranges.remote())[0]
     long = pb.GenerateRequest(text="tell me a long story", sampling=pb.SamplingParams(
         max_tokens=2000, temperature=0, ignore_eos=True))
-    errors, started = [], threading.Event()
+    errors, finished, started = [], [], threading.Event()
 
     def consume():
         try:
-            for _ in stub(sharded).Generate(long, timeout=120):
+            for update in stub(sharded).Generate(long, timeout=120):
                 started.set()
+                if update.finish_reason:
+                    finished.append(update.finish_reason)
         except grpc.RpcError as e:
             errors.append((e, time.perf_counter()))
 
@@ -168,11 +171,17 @@ def test_killed_shard_fails_fast_then_recovers(sharded):
         time.sleep(0.01)
     killed = time.perf_counter()
     generation = ray.get(pool().group.remote())["generation"]
-    thread.join(60)
-    assert not thread.is_alive() and errors, "the stream should have failed"
-    err, when = errors[0]
-    assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
-    assert when - killed < 5
+    thread.join(120)
+    assert not thread.is_alive(), "the stream hung on the dead shard"
+    # The kill caught the step in flight (almost always): the stream fails at once with UNAVAILABLE.
+    # Or it came between two steps: nothing of the next had run, so the engine kept the request,
+    # waited for the restarted shard (engine.expert_wait_s) and the stream ran to its end.
+    if errors:
+        err, when = errors[0]
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+        assert when - killed < 5
+    else:
+        assert finished == ["length"], finished
     # sent while the shard restarts (reloading its experts): it waits for the re-formed group
     # (engine.expert_wait_s) instead of failing, then completes
     ok = list(stub(sharded).Generate(pb.GenerateRequest(text="again", sampling=pb.SamplingParams(
