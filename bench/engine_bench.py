@@ -15,7 +15,9 @@ and for `--compare vllm` whether vLLM's greedy tokens equal Herd's reference pat
     python bench/engine_bench.py --paths reference fast fast+compile --batches 1 64
 
 Engine paths are named (`PATHS`): a path whose backend or kernel is not registered in this tree
-runs what is (the table says so), so the script works before and after the fast path lands.
+runs what is (the table says so), so the script works before and after the fast path lands. Each
+path runs in a process of its own, as vLLM does (`--same-process` to run them all in this one: an
+engine built after others in one process measured up to ~30% slower on a 2-core VM).
 `bench/gpu_check.py` (`make gpu-check`) runs the GPU figures (roofline, MFU, transformers).
 """
 
@@ -163,6 +165,25 @@ def run_engine(path: str, ckpt: Path, args, dtype: torch.dtype, prompts: dict[in
     return runs
 
 
+def run_engine_apart(path: str, ckpt: Path, args) -> list[Run]:
+    """`run_engine` in a fresh process (this script with `--paths path --same-process`), as vLLM
+    runs in its own: an engine built after others in one process measured up to ~30% slower here."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "runs.json"
+        argv = [sys.executable, __file__, "--same-process", "--checkpoint", str(ckpt), "--paths", path,
+                "--device", args.device, "--batches", *map(str, args.batches), "--prompt-len", str(args.prompt_len),
+                "--new-tokens", str(args.new_tokens), "--max-batched-tokens", str(args.max_batched_tokens),
+                "--kv-cache-mb", str(args.kv_cache_mb), "--json", str(out), *(["--no-ops"] if args.no_ops else [])]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        sys.stdout.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if ln.startswith("  ")))
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-5000:])
+            raise SystemExit(f"engine path {path} failed (exit {proc.returncode})")
+        fields = ("aten_ops", "aten_ops_nested", "attention_calls", "sync_ops")
+        return [Run(r["path"], r["batch"], r["tokens_per_s"], r["step_ms"], r["token_ids"],
+                    {k: r[k] for k in fields if k in r}) for r in json.loads(out.read_text())["runs"]]
+
+
 def run_vllm(ckpt: Path, args, dtype: torch.dtype, prompts: dict[int, list[list[int]]]) -> tuple[str, list[Run]]:
     """vLLM's CPU build in its own venv on the text-only layout of the same weights."""
     from bench.causal_lm_checkpoint import convert
@@ -247,6 +268,8 @@ def main() -> None:
     ap.add_argument("--no-ops", action="store_true", help="skip the profiled step (ops per step)")
     ap.add_argument("--compare", nargs="*", default=[], choices=["vllm"])
     ap.add_argument("--json", type=Path, help="write every figure here too")
+    ap.add_argument("--same-process", action="store_true",
+                    help="run every engine path in this process (default: each path in its own process)")
     args = ap.parse_args()
     dtype = default_dtype(args.device)
     notes = []
@@ -262,7 +285,10 @@ def main() -> None:
         prompts = {b: make_prompts(b, args.prompt_len, seed=b) for b in args.batches}
         print(f"{args.preset}, {args.device}, {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
-        runs = [r for p in args.paths for r in run_engine(p, ckpt, args, dtype, prompts)]
+        if args.same_process or len(args.paths) == 1:
+            runs = [r for p in args.paths for r in run_engine(p, ckpt, args, dtype, prompts)]
+        else:
+            runs = [r for p in args.paths for r in run_engine_apart(p, ckpt, args)]
         if "vllm" in args.compare:
             version, vruns = run_vllm(ckpt, args, dtype, prompts)
             runs += vruns
@@ -275,7 +301,8 @@ def main() -> None:
     print(f"\n{platform.node()}, load after: {os.getloadavg()[0]:.1f}\n{table}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "notes": notes, "runs": [
-            {"path": r.path, "batch": r.batch, "tokens_per_s": r.tokens_per_s, "step_ms": r.step_ms, **r.ops}
+            {"path": r.path, "batch": r.batch, "tokens_per_s": r.tokens_per_s, "step_ms": r.step_ms, **r.ops,
+             "token_ids": r.token_ids}
             for r in runs]}, indent=2))
 
 
