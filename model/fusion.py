@@ -3,7 +3,7 @@
 Inductor inlines pointwise producers into the loops of their consumers. Into a reduction that reads
 each input element many times (the fused gather + multiply + sum forms of the compiled CPU decode
 step: experts per row, `ring_decode`) that means recomputing the producer (a norm, a gate score, an
-index) at every step of the inner loop, which made those loops 1.5-2x slower than the same loop
+index) at every step of the inner loop, which made those loops 1.3-1.75x slower than the same loop
 over a plain buffer (bench/RESULTS.md). An opaque custom op stops the inlining at the cost of one
 copy of a small tensor (a decode batch's rows, a ring's slots).
 """
