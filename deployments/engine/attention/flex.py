@@ -31,10 +31,8 @@ compiles once per process (compiled kernels are shared by all engines through th
 On the CPU flex is slow at both ends: its kernel tiles queries by one token x the GQA group and
 keys by one cache block. Steps with prefill chunks attend with one `scaled_dot_product_attention`
 over the windows gathered from the cache (gathered.py, `gather_prefill`), about twice as fast;
-decode-only steps with `ring_decode`: each row's ring of window blocks read in place by a gather +
-multiply + sum that inductor fuses into two loops (scores, then the weighted values), ~3x faster
-than flex at batch 64 (bench/RESULTS.md). Its ring is as wide as the longest window (a power of
-two >= MIN_DECODE_WINDOW_BLOCKS), since every slot of it is computed, masked or not.
+decode-only steps read each row's ring of window blocks in place (ring.py, `ring_decode`), ~0.8
+against ~1.2 ms per layer at batch 64 (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -50,7 +48,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from deployments.engine.attention.gathered import GatheredLayout, gathered_attention, gathered_layout, worth_it
-from model.fusion import realize
+from deployments.engine.attention.ring import compiled_ring_decode
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -249,8 +247,8 @@ class FlexBackend:
         if isinstance(layout, GatheredLayout):
             return gathered_attention(q, k_cache, v_cache, layout, scale)
         if layout.decode:
-            return _compiled_ring_decode(q, k_cache, v_cache, layout.ring, layout.ring_logical, layout.tok_pos,
-                                         layout.tok_win, scale)
+            return compiled_ring_decode(q, k_cache, v_cache, layout.ring, layout.ring_logical, layout.tok_pos,
+                                        layout.tok_win, scale)
         num_tokens, heads, dim = q.shape
         num_blocks, bs, kv_heads, _ = k_cache.shape
         group = heads // kv_heads
@@ -266,34 +264,3 @@ class FlexBackend:
         assert isinstance(out, torch.Tensor)  # no lse requested
         return out.view(kv_heads, t_pad, group, dim).transpose(0, 1).reshape(t_pad, heads, dim)[:num_tokens]
 
-
-def ring_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ring: torch.Tensor,
-                ring_logical: torch.Tensor, tok_pos: torch.Tensor, tok_win: torch.Tensor, scale: float
-                ) -> torch.Tensor:
-    """Decode rows (one query token per sequence, row t = sequence t) over their rings of window
-    blocks, read in place: q `[T, H, D]`, caches `[num_blocks, block_size, KV, D]`, ring and
-    ring_logical `[T_pad, W]` -> `[T, H, D]`. Written as gathers, products and sums so that
-    inductor fuses each of the two products with its gather (no copy of the keys or values);
-    scores and softmax in fp32. Rows past T and masked slots get the most negative score, never
-    -inf: a row that sees nothing is uniform, not NaN (its output is dropped)."""
-    num_tokens, heads, dim = q.shape
-    num_blocks, bs, kv_heads, _ = k_cache.shape
-    t_pad, width = ring.shape
-    group = heads // kv_heads
-    offset = torch.arange(bs, device=q.device)
-    slot = (ring.clamp(max=num_blocks - 1)[:, :, None] * bs + offset).view(t_pad, width * bs)  # [T_pad, N]
-    pos = (ring_logical[:, :, None] * bs + offset).view(t_pad, width * bs)
-    real = (ring < num_blocks)[:, :, None].expand(t_pad, width, bs).reshape(t_pad, width * bs)
-    seen = realize(real & (pos <= tok_pos[:, None]) & (pos >= tok_win[:, None]))  # [T_pad, N]
-    slot = realize(slot)  # neither recomputed inside the sums' loops (model/fusion.py)
-    qg = realize(F.pad(q, (0, 0, 0, 0, 0, t_pad - num_tokens)).float()).view(t_pad, 1, kv_heads, group, dim)
-    k = k_cache.view(num_blocks * bs, kv_heads, dim)[slot]  # [T_pad, N, KV, D]
-    v = v_cache.view(num_blocks * bs, kv_heads, dim)[slot]
-    scores = (qg * k[:, :, :, None, :].float()).sum(-1) * scale  # [T_pad, N, KV, G]
-    scores = scores.masked_fill(~seen[:, :, None, None], torch.finfo(torch.float32).min)
-    weights = realize(scores.softmax(dim=1))
-    out = (weights[..., None] * v[:, :, :, None, :].float()).sum(1)  # [T_pad, KV, G, D]
-    return out.to(q.dtype).view(t_pad, heads, dim)[:num_tokens]
-
-
-_compiled_ring_decode = torch.compile(ring_decode, dynamic=False, fullgraph=True)
