@@ -217,11 +217,11 @@ class FlexBackend:
             parts[name] = dev[offset : offset + n]
             offset += n
         logical_of = self._logical_of[group.name]
-        ring_dev = parts["ring"].view(t_pad, width)
-        logical_of[ring_dev] = parts["ring_logical"].view(t_pad, width)  # empty cells write the spare entry
+        ring_dev, ring_logical_dev = parts["ring"].view(t_pad, width), parts["ring_logical"].view(t_pad, width)
+        logical_of[ring_dev] = ring_logical_dev  # empty cells write the spare entry
         return FlexLayout(
             slots=parts["slots"], num_tokens=num_tokens, tok_seq=parts["tok_seq"], tok_pos=parts["tok_pos"],
-            tok_win=parts["tok_win"], ring=ring_dev, ring_logical=parts["ring_logical"].view(t_pad, width),
+            tok_win=parts["tok_win"], ring=ring_dev, ring_logical=ring_logical_dev,
             kv_num=parts["kv_num"],
             kv_idx=parts["kv_idx"].as_strided((num_qblocks, max_listed + tail), (max_listed, 1)), logical_of=logical_of,
             tokens_per_qblock=tpq, block_size=bs, decode=decode,
