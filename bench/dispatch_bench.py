@@ -27,6 +27,7 @@ it, as a router service gives them its own. The local Ray is started with `addre
 another cluster) and shut down at the end.
 """
 
+# ruff: noqa: E402 (torch is imported after the OpenMP environment is set: libgomp reads it when it loads)
 from __future__ import annotations
 
 import argparse
@@ -38,12 +39,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cluster.launcher import RAY_ENV
+from cluster.launcher import OPENMP_ENV, RAY_ENV
+
+# this process is a router replica: the OpenMP settings `herd up` gives one, before torch loads libgomp
+for _name, _value in OPENMP_ENV.items():
+    os.environ.setdefault(_name, _value)
+
+import torch
+
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.experts import ColocatedExperts

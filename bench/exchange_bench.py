@@ -11,6 +11,7 @@ one sitting (the code of the current directory is imported):
 engine decode; `bench/gloo_floor.py` the gloo round trip alone.
 """
 
+# ruff: noqa: E402 (torch is imported after the OpenMP environment is set: libgomp reads it when it loads)
 from __future__ import annotations
 
 import argparse
@@ -21,11 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.getcwd())
+
+from cluster.launcher import OPENMP_ENV
+
+# this process is a router replica: the OpenMP settings `herd up` gives one, before torch loads libgomp
+for _name, _value in OPENMP_ENV.items():
+    os.environ.setdefault(_name, _value)
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-sys.path.insert(0, os.getcwd())
 
 
 def _shard(path: str, spec, rank: int, pin: int | None) -> None:

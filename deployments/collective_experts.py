@@ -9,6 +9,7 @@ with UNAVAILABLE) and the next step asks the pool for the next generation (`join
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import threading
@@ -27,10 +28,38 @@ from deployments.expert_group import (
     GroupError,
     GroupSpec,
     GroupSuperseded,
+    Message,
     Wire,
 )
 
 log = logging.getLogger(__name__)
+
+
+# On the CPU, batches of up to this many rows are routed to the shards in Python from one `tolist()`:
+# the mask, `any` and `nonzero` per shard cost more there (measured: a batch-1 exchange spent ~0.1 ms
+# of its ~0.25 ms on the replica's side in them).
+HOST_ROUTING_MAX_ROWS = 16
+
+
+def rows_by_shard(ids: torch.Tensor, shards: tuple[tuple[int, int], ...]) -> list[tuple[int, torch.Tensor | None]]:
+    """For each shard (expert range [start, stop)): how many rows of `ids` `[T, k]` chose an expert
+    there, and which (int64 indices, ascending; None when that is every row)."""
+    t = ids.shape[0]
+    if ids.device.type == "cpu" and t <= HOST_ROUTING_MAX_ROWS:
+        starts = [start for start, _ in shards]
+        rows: list[list[int]] = [[] for _ in shards]
+        for i, row in enumerate(ids.tolist()):
+            for e in row:
+                s = bisect.bisect_right(starts, e) - 1
+                if s >= 0 and e < shards[s][1] and (not rows[s] or rows[s][-1] != i):
+                    rows[s].append(i)
+        return [(len(r), None if len(r) == t else torch.tensor(r, dtype=torch.long)) for r in rows]
+    routed: list[tuple[int, torch.Tensor | None]] = []
+    for start, stop in shards:
+        idx = ((ids >= start) & (ids < stop)).any(dim=1).nonzero().squeeze(1)
+        n = idx.numel()
+        routed.append((n, None if n == t else idx))
+    return routed
 
 
 @dataclass
@@ -118,7 +147,7 @@ class CollectiveExperts:
         self.stats = ReplicaStats()
         self._step: _Step | None = None
         self._local = threading.local()
-        self._bufs: dict = {}
+        self._send: list[list[Message]] = []  # [micro-batch][shard]
 
     # ---- group membership ----------------------------------------------------------------
     @property
@@ -142,8 +171,7 @@ class CollectiveExperts:
             self.stats.reforms += 1
         self.stats.generation = self.last_generation = spec.generation
         wire = Wire(spec)
-        self._bufs = {"wire": wire, "send": [[wire.buffer(self.device) for _ in spec.shards]
-                                             for _ in range(spec.micro_batches)]}
+        self._send = [[Message(wire, self.device) for _ in spec.shards] for _ in range(spec.micro_batches)]
         self.group = group
         return group
 
@@ -226,39 +254,41 @@ class CollectiveExperts:
         """Send each shard its rows of `layer` (`rows` None: none), post the receives of the replies.
         In a step this replica runs alone a shard gets a message only when it has rows, or at the
         last turn (layer, micro-batch) of the step, which ends the step for it."""
-        spec, wire = group.spec, self._bufs["wire"]
+        spec = group.spec
         nccl = spec.backend == "nccl"
         solo = len(group.active) == 1
         last = solo and layer == spec.moe_layers[-1] and mb == spec.micro_batches - 1
+        routed = [(0, None)] * len(spec.shards) if rows is None else rows_by_shard(rows[1], spec.shards)
         posted, sends = [], []
-        for s, (start, stop) in enumerate(spec.shards):
-            if rows is None:
-                idx, n = None, 0
-            else:
-                x, ids, scores = rows
-                idx = ((ids >= start) & (ids < stop)).any(dim=1).nonzero().squeeze(1)
-                n = idx.numel()
+        for s, (n, idx) in enumerate(routed):
+            msg = self._send[mb][s]
+            if n > msg.wire.capacity:
+                raise GroupError(f"{n} rows for one shard exceed the group's capacity of {msg.wire.capacity}")
+            if n:
                 self.stats.rows_sent[s] = self.stats.rows_sent.get(s, 0) + n
-                if n > wire.capacity:
-                    raise GroupError(f"{n} rows for one shard exceed the group's capacity of {wire.capacity}")
             if solo and not n and not last:
                 continue
             if n and not nccl:  # the receive first: gloo tells the shard, and its reply goes out at once
                 reply = torch.empty(n, spec.hidden_size, dtype=spec.dtype, device=self.device)
                 posted.append((idx, reply, group.recv(reply, s, mb)))
-            buf = self._bufs["send"][mb][s]
-            wire.header(buf).copy_(torch.tensor([n, layer, group.steps, mb], dtype=torch.int64))
+            msg.write_header(n, layer, group.steps, mb)
             if n:
-                xv, iv, sv = wire.views(buf, n)
-                torch.index_select(x, 0, idx, out=xv)
-                iv.copy_(ids.index_select(0, idx))
-                sv.copy_(scores.index_select(0, idx))
+                x, ids, scores = rows
+                xv, iv, sv = msg.views(n)
+                if idx is None:  # every row, in order
+                    xv.copy_(x)
+                    iv.copy_(ids)
+                    sv.copy_(scores)
+                else:
+                    torch.index_select(x, 0, idx, out=xv)
+                    iv.copy_(ids.index_select(0, idx))
+                    sv.copy_(scores.index_select(0, idx))
             if nccl:
-                sends.append(group.send(buf[: HEADER * 8], s, REQUEST_TAG))
+                sends.append(group.send(msg.header, s, REQUEST_TAG))
                 if n:
-                    sends.append(group.send(buf[HEADER * 8 : wire.nbytes(n)], s, REQUEST_TAG))
+                    sends.append(group.send(msg.used(n)[HEADER * 8 :], s, REQUEST_TAG))
             else:
-                sends.append(group.send(buf[: wire.nbytes(n)], s, REQUEST_TAG))
+                sends.append(group.send(msg.used(n), s, REQUEST_TAG))
             if n and nccl:  # after the send: on NCCL a receive from a peer would hold up the send to it
                 reply = torch.empty(n, spec.hidden_size, dtype=spec.dtype, device=self.device)
                 posted.append((idx, reply, group.recv(reply, s, mb)))
@@ -272,10 +302,12 @@ class CollectiveExperts:
         out = None
         for idx, reply, recv in posted:
             group.wait(recv, f"waiting for the experts of MoE layer {layer}")
-            if out is None and reply.shape[0] == x.shape[0]:  # this shard had every row (idx: all, in order)
+            if out is None and idx is None:  # this shard had every row, in order
                 out = reply
             elif out is None:
                 out = torch.zeros_like(x).index_copy_(0, idx, reply)
+            elif idx is None:  # every row, some of them also on other shards: sum the parts
+                out.add_(reply)
             else:  # rows whose experts sit on several shards: sum the parts
                 out.index_copy_(0, idx, out.index_select(0, idx).add_(reply))
         self.stats.record_wait(time.perf_counter() - t0)

@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from deployments.collective_experts import CollectiveExperts
+from deployments.collective_experts import HOST_ROUTING_MAX_ROWS, CollectiveExperts, rows_by_shard
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.experts import ColocatedExperts, ExpertBackendUnavailable
 from deployments.engine.params import SamplingParams
 from deployments.engine.runner import split_tokens
-from deployments.expert_group import GroupSpec, ShardStats, Wire, serve_shard_generation
+from deployments.expert_group import GroupSpec, Message, ShardStats, Wire, serve_shard_generation
 from model.checkpoint import load, load_expert_shard
 from model.tokenizer import Tokenizer
 from tests.deployments.replicas import run_replicas, top2_tiny_scout
@@ -157,6 +157,32 @@ def test_wire_layout_keeps_dtypes_and_fits_the_capacity():
     x2, ids2, scores2 = wire.views(buf, 5)  # no overlap between the arrays
     assert torch.equal(ids2, torch.arange(10, dtype=torch.int32).view(5, 2)) and bool((scores2 == 0.5).all())
     assert wire.nbytes(0) < wire.nbytes(1) < wire.nbytes(5) == buf.numel()
+
+
+def test_message_header_and_views_read_what_was_written():
+    spec = GroupSpec(generation=1, host="", port=0, shards=((0, 1),), replicas=("r",), moe_layers=(0,), hidden_size=4,
+                     top_k=1, capacity=3, dtype=torch.float32)
+    msg = Message(Wire(spec), "cpu")
+    msg.write_header(3, 7, 11, 1)
+    assert msg.read_header() == [3, 7, 11, 1] and msg.header.tolist() == [3, 7, 11, 1]
+    x, _, _ = msg.views(3)
+    x.fill_(2.0)
+    assert msg.views(3)[0] is x and bool((Wire(spec).views(msg.buf, 3)[0] == 2.0).all())
+    assert msg.used(3).numel() == Wire(spec).nbytes(3)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, HOST_ROUTING_MAX_ROWS, HOST_ROUTING_MAX_ROWS + 9])
+def test_rows_by_shard_finds_each_shards_rows_once(rows):
+    shards = ((0, 3), (3, 8), (8, 16))
+    ids = torch.randint(0, 16, (rows, 2), generator=torch.Generator().manual_seed(rows))
+    if rows:
+        ids[0] = torch.tensor([4, 5])  # both choices on shard 1: the row is sent there once
+    routed = rows_by_shard(ids, shards)
+    for (start, stop), (n, idx) in zip(shards, routed, strict=True):
+        want = [i for i in range(rows) if any(start <= e < stop for e in ids[i].tolist())]
+        got = list(range(rows)) if idx is None else idx.tolist()
+        assert n == len(want) and got == want
+        assert (idx is None) == (n == rows)
 
 
 def test_split_tokens_keeps_order_and_balances():

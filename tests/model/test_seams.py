@@ -114,7 +114,7 @@ def test_per_row_form_equals_reference_eager_and_compiled():
 @pytest.mark.parametrize("shard", [range(0, 8), range(0, 3), range(3, 8), range(5, 6)])
 def test_experts_forward_grouped_equals_reference(top_k, shard):
     """The whole `Experts` layer, all experts or a shard's slice, over random routing (tokens whose
-    choices all live on other shards included)."""
+    choices all live on other shards included); `forward_rows` (a CPU shard's few-row path) too."""
     g = torch.Generator().manual_seed(top_k * 10 + shard.start)
     hidden, inter, tokens = 16, 8, 13
     layers = {name: Experts(hidden, inter, len(shard), shard.start, kernel=name) for name in ("reference", "grouped")}
@@ -127,5 +127,6 @@ def test_experts_forward_grouped_equals_reference(top_k, shard):
     scores = torch.rand(tokens, top_k, generator=g)
     want, got = layers["reference"](x, ids, scores), layers["grouped"](x, ids, scores)
     assert torch.equal(got, want)
+    torch.testing.assert_close(layers["reference"].forward_rows(x, ids, scores), want, atol=1e-5, rtol=1e-5)
     not_owned = ~((ids >= shard.start) & (ids < shard.stop)).any(dim=1)
     assert not want[not_owned].any()  # tokens with no owned choice get exactly zero
