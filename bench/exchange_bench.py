@@ -24,10 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, os.getcwd())
 
-from cluster.launcher import OPENMP_ENV
+from deployments.process_env import SHARED_CORES_ENV
 
-# this process is a router replica: the OpenMP settings `herd up` gives one, before torch loads libgomp
-for _name, _value in OPENMP_ENV.items():
+# this process is a router replica of a sharded deployment: its OpenMP settings, before torch loads libgomp
+for _name, _value in SHARED_CORES_ENV.items():
     os.environ.setdefault(_name, _value)
 
 import torch

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ray.serve import Application
 
 from deployments.config import DeploymentOptions, HerdConfig, RoutingConfig
+from deployments.process_env import env_for_sharded
 from deployments.routing.registry import request_router_class
 
 
@@ -46,6 +47,8 @@ def build_app(args: dict | HerdConfig) -> Application:
     # twice the room, so that its accounting of finished requests, which lags the Ingress's, does not
     # refuse what the Ingress admitted.
     router_options = _options(cfg.router_service)
+    if cfg.experts.mode == "sharded":  # replicas that wait on shards sharing their nodes' cores
+        router_options["ray_actor_options"]["runtime_env"] = {"env_vars": env_for_sharded()}
     if cfg.router_service.max_queued_requests > 0:
         router_options["max_queued_requests"] = 2 * cfg.router_service.max_queued_requests
     router = RouterService.options(**router_options, **_request_router(cfg.routing)).bind(config)

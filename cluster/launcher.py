@@ -58,15 +58,6 @@ NAMESPACE = "herd"
 # Serve's gRPC proxy reads messages up to 2 GiB by default: 64 MiB here (the Ingress then refuses
 # those above limits.max_body_bytes, 32 MiB by default, with INVALID_ARGUMENT); the chart sets the same.
 RAY_ENV = {"RAY_max_direct_call_object_size": str(4 << 20), "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(64 << 20)}
-# PyTorch's OpenMP (libgomp) worker threads spin up to 300,000 times (milliseconds on these CPUs)
-# after each parallel region before they sleep. A router-service replica that waits on its expert
-# shards a few hundred microseconds per MoE layer then holds the cores the shards on the same node
-# need: on 2 cores, 1.4 ms of exchange overhead per MoE layer at batch 1 instead of 0.5, and 0.66
-# instead of 0.89 of colocated decode throughput at batch 128 (bench/RESULTS.md, issue 11); no
-# spinning at all (OMP_WAIT_POLICY=PASSIVE) halves colocated decode at batch 128 instead. 10,000
-# (tens of microseconds) keeps the workers awake between the back-to-back regions of one op sequence.
-# A default: a value in the environment wins. The chart sets the same.
-OPENMP_ENV = {"GOMP_SPINCOUNT": "10000"}
 
 
 def state_file() -> Path:
@@ -315,15 +306,9 @@ def probe_auth_mode(ports: Ports) -> str:
         return "token" if _token_available() else "disabled"
 
 
-def ray_node_env(auth_mode: str) -> dict[str, str]:
-    """The environment of the Ray head `herd up` starts (its workers inherit it): this process's,
-    with `OPENMP_ENV` as defaults under it and `RAY_ENV` over it."""
-    return {**OPENMP_ENV, **os.environ, **RAY_ENV, AUTH_MODE_ENV: auth_mode}
-
-
 def start_ray_head(ports: Ports, auth_mode: str) -> int:
     """Start a Ray head on `ports` in a new session; the session id (what `stop_session` stops)."""
-    env = ray_node_env(auth_mode)
+    env = {**os.environ, **RAY_ENV, AUTH_MODE_ENV: auth_mode}
     cmd = [RAY, "start", "--head", f"--port={ports.ray}", f"--num-cpus={_head_cpus()}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={ports.dashboard}",
            f"--metrics-export-port={ports.metrics}", "--disable-usage-stats",

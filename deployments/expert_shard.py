@@ -36,6 +36,7 @@ from deployments.expert_group import (
     publish_generation,
     serve_shard_generation,
 )
+from deployments.process_env import env_for_sharded
 from model.checkpoint import load_expert_shard
 from model.config import Llama4Config
 from model.device import resolve_device
@@ -174,6 +175,7 @@ class ExpertPool:
                 num_cpus=experts.num_cpus_per_shard, num_gpus=experts.num_gpus_per_shard,
                 resources=experts.resources_per_shard,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                runtime_env={"env_vars": env_for_sharded()},  # empty when the node sets it
             ).remote(model_path, r.start, r.stop, device, dtype, kernel, experts.quantization)
             for i, r in enumerate(ranges)
         ]

@@ -20,6 +20,7 @@ import ray
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
 from deployments.pb import herd_pb2 as pb
+from deployments.process_env import SHARED_CORES_ENV
 from tests.cluster.grpc_client import Stream, stub
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -92,6 +93,11 @@ def test_two_routers_two_shards_equal_colocated(sharded, checkpoint):
             and time.monotonic() < deadline:
         time.sleep(1)
     assert generations >= 2  # two replicas, each >= 1
+    # the replicas (like the shards) run with the OpenMP settings of a sharded deployment
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::herd#RouterService#")]
+    envs = ray.get([ray.get_actor(n, namespace="serve").__ray_call__.remote(lambda _: dict(os.environ)) for n in names])
+    assert len(envs) == 2 and all(env.get(k) == v for env in envs for k, v in SHARED_CORES_ENV.items())
 
 
 @pytest.mark.parametrize("request_kwargs, fragment", [

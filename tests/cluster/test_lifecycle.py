@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.launcher import OPENMP_ENV, RAY_ENV, _alive, _session_members, ray_node_env
+from cluster.launcher import _alive, _session_members
 from tests.cluster.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,21 +159,6 @@ def test_up_serves_and_records_what_it_started(herd):
     secret = herd.home / "cache-secret"
     assert state["config"]["redis"]["secret_file"] == str(secret) and secret.stat().st_mode & 0o077 == 0
     assert secret.read_text().strip() not in (herd.home / "up.json").read_text() + herd.up_output.stdout
-    # Ray's processes (the replicas are its workers) got the OpenMP settings herd gives them
-    members = _session_members(state["ray_sid"])
-    raylet = next(pid for pid, name in members.items() if name == "raylet")
-    environ = dict(v.split("=", 1) for v in Path(f"/proc/{raylet}/environ").read_text().split("\0") if "=" in v)
-    assert environ.get("GOMP_SPINCOUNT") == OPENMP_ENV["GOMP_SPINCOUNT"]
-
-
-def test_ray_node_env_defaults_openmp_under_the_users_environment(monkeypatch):
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    assert ray_node_env("token")["GOMP_SPINCOUNT"] == OPENMP_ENV["GOMP_SPINCOUNT"]
-    monkeypatch.setenv("GOMP_SPINCOUNT", "123")
-    monkeypatch.setenv("RAY_max_direct_call_object_size", "1")
-    env = ray_node_env("token")
-    assert env["GOMP_SPINCOUNT"] == "123"  # the user's value wins over the default
-    assert env["RAY_max_direct_call_object_size"] == RAY_ENV["RAY_max_direct_call_object_size"]  # herd's needs win
 
 
 def test_up_again_with_the_same_config_does_nothing(herd, checkpoint):

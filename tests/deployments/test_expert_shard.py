@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,7 @@ from deployments.expert_shard import (
     wait_for_shards,
     wait_until_alive,
 )
+from deployments.process_env import SHARED_CORES_ENV, env_for_sharded
 from model.checkpoint import load
 from model.tokenizer import Tokenizer
 from tests.deployments.replicas import run_replicas, top2_tiny_scout
@@ -76,6 +78,21 @@ def test_wire_keeps_each_dtype_and_refuses_another():
 
 
 @torch.inference_mode()
+def test_shards_run_with_the_openmp_settings_of_a_sharded_deployment(shards, monkeypatch):
+    """Each shard process got `SHARED_CORES_ENV` (its OpenMP threads spin briefly: deployments/process_env.py),
+    unless the node's environment sets the variable itself."""
+    import ray
+
+    infos = ray.get([handle.info.remote() for handle, _ in shards], timeout=60)
+    for info in infos:
+        raw = Path(f"/proc/{info['pid']}/environ").read_bytes().split(b"\0")
+        environ = dict(v.decode().split("=", 1) for v in raw if b"=" in v)
+        for name, value in SHARED_CORES_ENV.items():
+            assert environ.get(name) == value
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")
+    assert "GOMP_SPINCOUNT" not in env_for_sharded()
+
+
 def test_sharded_bf16_layer_equals_colocated(shards, checkpoint):
     model = load(checkpoint, dtype=DTYPE)
     colocated, sharded = ColocatedExperts(model), ShardedExperts(shards, timeout_s=120)

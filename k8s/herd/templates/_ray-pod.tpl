@@ -31,11 +31,6 @@ readOnlyRootFilesystem: {{ .Values.raySecurityContext.readOnlyRootFilesystem }}
 # Serve's gRPC proxy would read messages up to 2 GiB; the Ingress refuses those above limits.max_body_bytes.
 - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
   value: "67108864"
-# PyTorch's OpenMP threads spin ~10k times, not 300k, before sleeping: a router replica waiting on its
-# expert shards then leaves them the cores (cluster/launcher.py OPENMP_ENV, bench/RESULTS.md); rayExtraEnv,
-# which comes later, can set another value.
-- name: GOMP_SPINCOUNT
-  value: "10000"
 {{- if .Values.raySecurityContext.readOnlyRootFilesystem }}
 # JIT caches that default to read-only places under $HOME: into the writable cache emptyDir.
 - name: CUDA_CACHE_PATH
