@@ -9,9 +9,9 @@ spinning threads, the cores the shards on the same node need: measured on 2 core
 instead of 0.5, and 0.66 instead of 0.89 of colocated decode throughput at batch 128. Not spinning
 at all (OMP_WAIT_POLICY=PASSIVE) halved decode at batch 128 instead (every parallel region wakes
 its workers). 10,000 rounds (tens of microseconds) keep them awake across the back-to-back regions
-of one op sequence. Only for sharded deployments: a colocated engine waits on nobody, and its
-compiled CPU decode steps measured slower with the short spin. A value set on the node wins
-(`env_for_sharded`)."""
+of one op sequence. Only for sharded deployments: a colocated engine waits on nobody (its decode
+steps, eager and compiled, measured the same with either spin, within the 2-core machine's noise).
+A value in the environment of the process that starts them (the node's) wins (`env_for_sharded`)."""
 
 from __future__ import annotations
 
