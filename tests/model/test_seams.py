@@ -128,5 +128,6 @@ def test_experts_forward_grouped_equals_reference(top_k, shard):
     want, got = layers["reference"](x, ids, scores), layers["grouped"](x, ids, scores)
     assert torch.equal(got, want)
     torch.testing.assert_close(layers["reference"].forward_rows(x, ids, scores), want, atol=1e-5, rtol=1e-5)
+    assert layers["reference"].forward_rows(x[:0], ids[:0], scores[:0]).shape == (0, hidden)
     not_owned = ~((ids >= shard.start) & (ids < shard.stop)).any(dim=1)
     assert not want[not_owned].any()  # tokens with no owned choice get exactly zero
