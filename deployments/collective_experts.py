@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 
 
 # On the CPU, batches of up to this many rows are routed to the shards in Python from one `tolist()`:
-# the mask, `any` and `nonzero` per shard cost more there (measured: a batch-1 exchange spent ~0.1 ms
-# of its ~0.25 ms on the replica's side in them).
+# the mask, `any` and `nonzero` per shard cost more there (measured: ~0.1 ms of the replica's ~0.25 ms
+# side of a batch-1 exchange, bench/RESULTS.md).
 HOST_ROUTING_MAX_ROWS = 16
 
 

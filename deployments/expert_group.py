@@ -51,7 +51,7 @@ SCORES_DTYPE = torch.float32
 _ALIGN = 16
 # Up to this many (row, expert choice) pairs, a CPU shard runs each pair through its expert on its own
 # (`Experts.forward_rows`) instead of the sorted batch (`Experts.forward`): a batch-1 MoE layer's
-# experts took ~0.3 ms of the exchange's ~0.7 ms that way on the 2-core CPU, ~0.15 ms this way.
+# experts took ~0.31 ms in a shard that way on the 2-core CPU, ~0.2 ms this way (bench/RESULTS.md).
 FEW_ROWS = 8
 
 
@@ -443,11 +443,11 @@ def _run_experts(group: ExpertGroup, msgs: list[Message], parts: list[tuple[int,
         x, ids, scores = views[0]
     else:
         x, ids, scores = (torch.cat(v) for v in zip(*views, strict=True))
-    module = experts[layer]
+    module = experts[layer]  # either way a new tensor: the buffers can take the next messages
     if x.device.type == "cpu" and ids.numel() <= FEW_ROWS:
         out = module.forward_rows(x, ids, scores)
     else:
-        out = module(x, ids.long(), scores)  # a new tensor: the buffers can take the next messages
+        out = module(x, ids.long(), scores)
     posted = _post_receives(group, next_sources, stats) if next_sources else None
     first_replica = len(group.spec.shards)
     sends, start = [], 0
