@@ -55,7 +55,7 @@ import torch
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.experts import ColocatedExperts
-from deployments.expert_group import FEW_ROWS
+from deployments.expert_group import run_experts
 from engine_bench import sync, time_engine_decode
 from model.checkpoint import load
 from model.device import default_dtype
@@ -116,14 +116,11 @@ class AllLayers:
 
 class ColocatedRows(ColocatedExperts):
     """Colocated experts that run a few rows the way a CPU shard does (`Experts.forward_rows`, up to
-    `FEW_ROWS` pairs; the engine's colocated path keeps `forward`): the overhead measured against it
+    `FEW_ROWS` pairs, `run_experts`; the engine's colocated path keeps `forward`): the overhead measured against it
     is what the transport adds, the shortcut the shard takes counted on both sides."""
 
     def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        experts = self._layers[layer].feed_forward.experts
-        if x.device.type == "cpu" and expert_ids.numel() <= FEW_ROWS:
-            return experts.forward_rows(x, expert_ids, scores)
-        return experts(x, expert_ids, scores)
+        return run_experts(self._layers[layer].feed_forward.experts, x, expert_ids, scores)
 
 
 def time_layers(backends: dict, model, moe_layers: list[int], batch: int, args, dtype) -> dict:

@@ -429,6 +429,14 @@ def _check(group: ExpertGroup, msg: Message, r: int, expected) -> tuple[int, tup
     return n, (layer, mb)
 
 
+def run_experts(experts, x: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """A shard's experts (model.moe.Experts) on rows it was sent: up to `FEW_ROWS` (row, choice)
+    pairs on the CPU one by one (`forward_rows`), else the sorted batch (`forward`)."""
+    if x.device.type == "cpu" and ids.numel() <= FEW_ROWS:
+        return experts.forward_rows(x, ids, scores)
+    return experts(x, ids.long(), scores)
+
+
 def _run_experts(group: ExpertGroup, msgs: list[Message], parts: list[tuple[int, int]], layer: int, mb: int,
                  experts: dict, stats: ShardStats, next_sources: list | None = None) -> list | None:
     """Run this shard's experts of `layer` once on the rows of `parts` ((replica index, rows)) and send
@@ -443,11 +451,7 @@ def _run_experts(group: ExpertGroup, msgs: list[Message], parts: list[tuple[int,
         x, ids, scores = views[0]
     else:
         x, ids, scores = (torch.cat(v) for v in zip(*views, strict=True))
-    module = experts[layer]  # either way a new tensor: the buffers can take the next messages
-    if x.device.type == "cpu" and ids.numel() <= FEW_ROWS:
-        out = module.forward_rows(x, ids, scores)
-    else:
-        out = module(x, ids.long(), scores)
+    out = run_experts(experts[layer], x, ids, scores)  # a new tensor: the buffers can take the next messages
     posted = _post_receives(group, next_sources, stats) if next_sources else None
     first_replica = len(group.spec.shards)
     sends, start = [], 0
