@@ -131,3 +131,20 @@ def test_experts_forward_grouped_equals_reference(top_k, shard):
     assert layers["reference"].forward_rows(x[:0], ids[:0], scores[:0]).shape == (0, hidden)
     not_owned = ~((ids >= shard.start) & (ids < shard.stop)).any(dim=1)
     assert not want[not_owned].any()  # tokens with no owned choice get exactly zero
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int4"])
+def test_forward_rows_equals_forward_on_quantized_experts(mode):
+    """A CPU shard's few-row path runs quantized experts with the reference math of `forward`."""
+    from model.quantization import quantize_experts
+
+    g = torch.Generator().manual_seed(7)
+    hidden, inter, shard = 32, 16, range(2, 6)
+    layer = Experts(hidden, inter, len(shard), shard.start, kernel="reference")
+    layer.set_weights(quantize_experts(torch.randn(len(shard), hidden, 2 * inter, generator=g), mode),
+                      quantize_experts(torch.randn(len(shard), inter, hidden, generator=g), mode))
+    x = torch.randn(3, hidden, generator=g)
+    ids, scores = torch.tensor([[2], [5], [0]]), torch.rand(3, 1, generator=g)  # the last row is another shard's
+    want = layer(x, ids, scores)
+    torch.testing.assert_close(layer.forward_rows(x, ids, scores), want, atol=1e-5, rtol=1e-5)
+    assert want[:2].abs().sum() > 0 and not want[2].any()
