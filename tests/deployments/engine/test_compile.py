@@ -32,6 +32,19 @@ def run(engine: Engine, batch: list[list[int]], n: int = 12) -> tuple[list[list[
     return [c.token_ids for c in done], torch.tensor([c.logprobs for c in done])
 
 
+def whole_step_compiler(engine: Engine) -> StepCompiler:
+    """A whole-step compiler for `engine`'s KV groups that dynamo traces without codegen (backend
+    eager), attention and experts traceable: the path flex + grouped experts take."""
+    return StepCompiler(CompileSettings(True, False, backend="eager"), engine.kv, 8,
+                        attention_traceable=True, experts_traceable=True)
+
+
+def use_compiler(engine: Engine, compiler: StepCompiler) -> None:
+    """Run `engine`'s steps through `compiler` (a new runner over the same model, KV cache and backends)."""
+    r = engine.runner
+    engine.runner = ModelRunner(r.model, r.kv, r.cache, r.experts, r.attention, compiler)
+
+
 def test_buckets():
     assert decode_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
     assert decode_buckets(48) == (1, 2, 4, 8, 16, 32, 48)
@@ -73,10 +86,8 @@ def test_padding_to_buckets_changes_no_real_row(scout_ckpt):
     eager = Engine.from_pretrained(path, EngineConfig(**STEPS))
     eager_tokens, eager_lp = run(eager, batch)
     engine = Engine.from_pretrained(path, EngineConfig(**STEPS))
-    r = engine.runner
-    compiler = StepCompiler(CompileSettings(True, False, backend="eager"), engine.kv, 8,
-                            attention_traceable=True, experts_traceable=True)
-    engine.runner = ModelRunner(r.model, r.kv, r.cache, r.experts, r.attention, compiler)
+    compiler = whole_step_compiler(engine)
+    use_compiler(engine, compiler)
     padded = []
     pad = compiler.pad
     compiler.pad = lambda chunks, **kw: padded.append(pad(chunks, **kw)) or padded[-1]  # type: ignore[method-assign]
@@ -124,14 +135,12 @@ def test_fp32_fast_path_traces_whole_with_the_grouped_experts_op(scout_ckpt, mon
     fast = dict(STEPS, attention_backend="flex", expert_kernel="grouped")
     eager_tokens, eager_lp = run(Engine.from_pretrained(path, EngineConfig(**fast)), batch)
     engine = Engine.from_pretrained(path, EngineConfig(**fast))
-    r = engine.runner
     assert experts_trace("grouped", torch.float32)
-    compiler = StepCompiler(CompileSettings(True, False, backend="eager"), engine.kv, 8,
-                            attention_traceable=True, experts_traceable=True)
+    compiler = whole_step_compiler(engine)
     graphs: list[torch.fx.GraphModule] = []
     compiler._decode_compile = compiler._prefill_compile = lambda fn: torch.compile(  # type: ignore[method-assign]
         fn, backend=lambda gm, _: graphs.append(gm) or gm, dynamic=False)
-    engine.runner = ModelRunner(r.model, r.kv, r.cache, r.experts, r.attention, compiler)
+    use_compiler(engine, compiler)
     counters.clear()
     tokens, lp = run(engine, batch)
     assert tokens == eager_tokens
@@ -148,10 +157,8 @@ def test_cpu_eager_prefill_is_not_padded(scout_ckpt):
     _, path = scout_ckpt
     fast = dict(STEPS, attention_backend="flex", expert_kernel="grouped")
     engine = Engine.from_pretrained(path, EngineConfig(**fast))
-    r = engine.runner
-    compiler = StepCompiler(CompileSettings(True, False, backend="eager"), engine.kv, 8,
-                            attention_traceable=True, experts_traceable=True)
-    engine.runner = ModelRunner(r.model, r.kv, r.cache, r.experts, r.attention, compiler)
+    compiler = whole_step_compiler(engine)
+    use_compiler(engine, compiler)
     padded: list[tuple[int, int, bool]] = []  # (real tokens, tokens run, decode-only)
     pad = compiler.pad
 
