@@ -41,6 +41,13 @@ class ExpertKernel(Protocol):
         ...
 
 
+def expert_swiglu(x: torch.Tensor, gate_up_proj: ExpertWeight, down_proj: ExpertWeight, expert: int) -> torch.Tensor:
+    """Expert `expert` (index into the stacked weights) on rows `x` `[n, hidden]`: down(silu(gate) * up),
+    the reference math of every weight format (`expert_matmul`)."""
+    gate, up = expert_matmul(x, gate_up_proj, expert).chunk(2, dim=-1)  # [n, inter] each
+    return expert_matmul(F.silu(gate) * up, down_proj, expert)  # [n, hidden]
+
+
 def reference_kernel(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: ExpertWeight,
                      down_proj: ExpertWeight) -> torch.Tensor:
     """One matmul pair per expert that has rows (exact on the CPU; one host sync for the counts:
@@ -51,8 +58,7 @@ def reference_kernel(x: torch.Tensor, counts: torch.Tensor, gate_up_proj: Expert
     outputs = []
     for e, rows in enumerate(x.split([*sizes, padding])[: len(sizes)]):
         if sizes[e]:
-            gate, up = expert_matmul(rows, gate_up_proj, e).chunk(2, dim=-1)  # [n, inter] each
-            outputs.append(expert_matmul(F.silu(gate) * up, down_proj, e))  # [n, hidden]
+            outputs.append(expert_swiglu(rows, gate_up_proj, down_proj, e))
     outputs.append(x.new_zeros(padding, x.shape[1]))
     return torch.cat(outputs)
 

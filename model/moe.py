@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import TextConfig
-from model.expert_kernel import expert_kernel
+from model.expert_kernel import expert_kernel, expert_swiglu
 from model.precision import fp32_linear
-from model.quantization import ExpertWeight, expert_matmul
+from model.quantization import ExpertWeight
 
 
 class MLP(nn.Module):
@@ -78,10 +78,9 @@ class Experts(nn.Module):
         target = torch.where(owned, token, t)  # not owned -> scratch row T
         return x.new_zeros(t + 1, x.shape[1]).index_add_(0, target, rows)[:t]
 
-
     def forward_rows(self, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """`forward`'s sum for a few rows, each (token, choice) pair run through its expert on its own,
-        routed on the host (one `tolist()`): no sort, scatter or grouped kernel. For an expert shard's
+        routed on the host (one `tolist()`; `expert_swiglu`): no sort, scatter or grouped kernel. For an expert shard's
         small batches on the CPU, where `forward`'s fixed sequence of ~30 ops costs more than the
         math (one row of small-scout: ~0.14 vs ~0.3 ms); `forward` stays the engine's (static
         shapes, no host sync)."""
@@ -91,8 +90,8 @@ class Experts(nn.Module):
             for expert, score in zip(row_ids, row_scores, strict=True):
                 local = expert - self.first_expert
                 if 0 <= local < self.num_experts:
-                    gate, up = expert_matmul(x[row : row + 1] * score, self.gate_up_proj, local).chunk(2, dim=-1)
-                    out[row : row + 1] += expert_matmul(F.silu(gate) * up, self.down_proj, local)
+                    rows = x[row : row + 1] * score
+                    out[row : row + 1] += expert_swiglu(rows, self.gate_up_proj, self.down_proj, local)
         return out
 
 
