@@ -44,11 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cluster.launcher import RAY_ENV
-from deployments.process_env import SHARED_CORES_ENV
+from deployments.process_env import use_sharded_env
 
-# this process is a router replica of a sharded deployment: its OpenMP settings, before torch loads libgomp
-for _name, _value in SHARED_CORES_ENV.items():
-    os.environ.setdefault(_name, _value)
+use_sharded_env()  # this process is a router replica of a sharded deployment: before torch loads libgomp
 
 import torch
 

@@ -24,11 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.getcwd())
 
-from deployments.process_env import SHARED_CORES_ENV
+from deployments.process_env import use_sharded_env
 
-# this process is a router replica of a sharded deployment: its OpenMP settings, before torch loads libgomp
-for _name, _value in SHARED_CORES_ENV.items():
-    os.environ.setdefault(_name, _value)
+use_sharded_env()  # this process is a router replica of a sharded deployment: before torch loads libgomp
 
 import torch
 import torch.distributed as dist

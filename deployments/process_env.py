@@ -23,3 +23,9 @@ SHARED_CORES_ENV = {"GOMP_SPINCOUNT": "10000"}
 def env_for_sharded(environ: os._Environ[str] | dict[str, str] = os.environ) -> dict[str, str]:
     """`SHARED_CORES_ENV` without the variables `environ` (the node's) already sets."""
     return {name: value for name, value in SHARED_CORES_ENV.items() if name not in environ}
+
+
+def use_sharded_env(environ: os._Environ[str] | dict[str, str] = os.environ) -> None:
+    """Give this process (a benchmark standing in for a replica) the sharded deployment's settings,
+    before it imports torch; what `environ` already sets stays."""
+    environ.update(env_for_sharded(environ))

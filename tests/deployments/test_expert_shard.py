@@ -33,7 +33,7 @@ from deployments.expert_shard import (
     wait_for_shards,
     wait_until_alive,
 )
-from deployments.process_env import SHARED_CORES_ENV, env_for_sharded
+from deployments.process_env import SHARED_CORES_ENV, env_for_sharded, use_sharded_env
 from model.checkpoint import load
 from model.tokenizer import Tokenizer
 from tests.deployments.replicas import run_replicas, top2_tiny_scout
@@ -91,6 +91,10 @@ def test_shards_run_with_the_openmp_settings_of_a_sharded_deployment(shards, mon
             assert environ.get(name) == value
     monkeypatch.setenv("GOMP_SPINCOUNT", "5")
     assert "GOMP_SPINCOUNT" not in env_for_sharded()
+    mine, bare = {"GOMP_SPINCOUNT": "5"}, {}  # what the benchmarks standing in for a replica do
+    use_sharded_env(mine)
+    use_sharded_env(bare)
+    assert mine == {"GOMP_SPINCOUNT": "5"} and bare == SHARED_CORES_ENV
 
 
 def test_sharded_bf16_layer_equals_colocated(shards, checkpoint):
