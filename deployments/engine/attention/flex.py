@@ -263,4 +263,3 @@ class FlexBackend:
                      kernel_options=self._kernel_options(bs))
         assert isinstance(out, torch.Tensor)  # no lse requested
         return out.view(kv_heads, t_pad, group, dim).transpose(0, 1).reshape(t_pad, heads, dim)[:num_tokens]
-
