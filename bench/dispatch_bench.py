@@ -1,8 +1,8 @@
 """MoE dispatch benchmark: sharded vs colocated experts on the same synthetic checkpoint, in one run.
 
 This process is one engine replica; N `ExpertShard` actors on a local Ray, placed by the production
-`ExpertPool`, form the expert group with it (`experts.transport: collective`, gloo on the CPU, NCCL
-on GPUs).
+`ExpertPool`, form the expert group with it (`experts.transport: collective`: TCP sockets on the CPU,
+or gloo with `--cpu-group-backend gloo`; NCCL on GPUs).
 
 (a) The routed experts of every MoE layer of one step, per MoE layer, at each batch size (tokens):
     `ColocatedExperts.run` (in-process, `experts.mode: colocated`; and the same running a few rows
@@ -70,7 +70,8 @@ def experts_config(args, micro_batches: int):
         gpus = min(1.0, torch.cuda.device_count() / args.num_shards) if args.device.startswith("cuda") else 0.0
     # a long group timeout: the shards wait in the group while this process times the colocated engine
     return ExpertsConfig(mode="sharded", num_shards=args.num_shards, num_cpus_per_shard=args.cpus_per_shard,
-                         num_gpus_per_shard=gpus, micro_batches=micro_batches, group_timeout_s=3600)
+                         num_gpus_per_shard=gpus, micro_batches=micro_batches, group_timeout_s=3600,
+                         cpu_group_backend=args.cpu_group_backend)
 
 
 def start_shards(path: Path, args, dtype: torch.dtype, micro_batches: int = 1):
@@ -186,6 +187,8 @@ def main() -> None:
                        help="Ray CPUs per shard (Ray sets the shard's torch threads from it; default 1)")
     shard.add_argument("--gpus-per-shard", type=float,
                        help="GPUs per shard (default: on cuda, the GPUs split over the shards; else 0)")
+    shard.add_argument("--cpu-group-backend", choices=["socket", "gloo"], default="socket",
+                       help="the expert group's backend when the shards have no GPU (default socket)")
     shard.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray (default 8)")
     what = ap.add_argument_group("measurements")
     what.add_argument("--batches", type=int, nargs="+", default=[1, 128],

@@ -62,7 +62,7 @@ def run(args, path: str) -> None:
                      shards=tuple((r.start, r.stop) for r in split_experts(text.num_local_experts, args.num_shards)),
                      replicas=("bench",), moe_layers=tuple(text.moe_layers), hidden_size=text.hidden_size,
                      top_k=text.num_experts_per_tok, capacity=max(2048, args.batch), dtype=torch.float32,
-                     timeout_s=120)
+                     timeout_s=120, backend=args.backend)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_shard, args=(path, spec, r, pins[1 + r]), daemon=True) for r in range(args.num_shards)]
     for p in procs:
@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--model", help="an fp32 checkpoint directory (default: a synthetic small-scout)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--num-shards", type=int, default=2)
+    ap.add_argument("--backend", choices=["socket", "gloo"], default="socket", help="the expert group's CPU backend")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of this (the replica) process (default 2)")

@@ -37,10 +37,14 @@ class ExpertsConfig(_Frozen):
                                      description="how long a router-service replica waits for the shards to load")
     transport: Literal["collective", "ray"] = Field(
         "collective",
-        description="collective: replicas and shards form one torch.distributed group (gloo on CPU, NCCL on GPU) and "
+        description="collective: replicas and shards form one expert group (TCP sockets on CPU, NCCL on GPU) and "
         "exchange each MoE layer's rows in lockstep, each shard running the union of all replicas' rows at once; "
         "ray: one Ray actor call per shard and MoE layer (slower; needs no ports between pods beyond Ray's)",
     )
+    cpu_group_backend: Literal["socket", "gloo"] = Field(
+        "socket", description="collective, shards without GPUs (with GPUs: NCCL): how the group's messages move. "
+        "socket: a TCP connection between every two members, read and written by the threads that wait (a decode "
+        "row's round trip ~10x faster than gloo's); gloo: torch.distributed's gloo group (the NCCL code path)")
     micro_batches: int = Field(1, ge=1, le=2, description="collective: split each step in this many micro-batches "
                                "(2: one's attention runs while the other's experts do)")
     group_timeout_s: float = Field(30.0, gt=0, description="collective: timeout of every wait in the expert group "

@@ -1,15 +1,19 @@
-"""The expert group: M router-service (engine) replicas and N expert shards as one `torch.distributed`
-process group (gloo on the CPU, NCCL on GPUs), stepping in lockstep. No tensor goes through Ray.
+"""The expert group: M router-service (engine) replicas and N expert shards stepping in lockstep,
+their messages over one of three backends: `socket` (TCP connections between every pair of
+members, deployments/socket_mesh.py: the CPU's), `nccl` (a `torch.distributed` NCCL group: GPUs')
+or `gloo` (a `torch.distributed` gloo group: the NCCL code path on the CPU, ~10x the socket
+backend's latency per message). No tensor goes through Ray.
 
 Ranks: shards 0..N-1, replicas N..N+M-1. The `ExpertPool` actor (deployments/expert_shard.py) hosts
-the rendezvous `TCPStore`, hands out the `GroupSpec` (ranks, address, generation) and makes a new
-generation when a member dies, restarts, joins or leaves. A member forms its own
-`ProcessGroupGloo`/`ProcessGroupNCCL` object on a `PrefixStore` of that generation, so one process
-can leave a group and form the next one (the default group of `init_process_group` could not).
+the rendezvous `TCPStore`, hands out the `GroupSpec` (ranks, address, generation, backend) and makes
+a new generation when a member dies, restarts, joins or leaves. A member forms its own connections
+(`SocketMesh`, or a `ProcessGroupGloo`/`ProcessGroupNCCL` object) on a `PrefixStore` of that
+generation, so one process can leave a group and form the next one (the default group of
+`init_process_group` could not).
 
 One group step (one forward pass of the replicas that have work):
-1. `begin`: every member learns `[active flag of each replica..., re-form requested]` (on gloo each
-   member sends its flags to every other one, one hop; on NCCL an all-reduce). Every member learns
+1. `begin`: every member learns `[active flag of each replica..., re-form requested]` (each member
+   sends its flags to every other one, one hop; on NCCL an all-reduce). Every member learns
    which replicas take part; a shard told of a newer generation by the pool raises the re-form flag
    and everyone leaves the group at this step boundary (no request fails).
 2. For each MoE layer, for each micro-batch (a "turn"): every active replica sends each shard one
@@ -19,9 +23,10 @@ One group step (one forward pass of the replicas that have work):
    rows of all active replicas and sends each replica its part back. When one replica runs the step
    alone there is no union to wait for: it sends a shard a message only for the turns it has rows for
    there, plus the last turn (possibly empty), which ends the step for that shard.
-One message each way per (replica, shard, turn): on gloo a message costs a syscall and a wake-up of
-its receiver (gloo's receiver also tells the sender when a receive is posted); four messages (header
-and three arrays) cost ~3x more here.
+One message each way per (replica, shard, turn): a message costs a syscall and a wake-up of its
+receiver (on gloo two: its I/O thread, then the waiting one; gloo's receiver also tells the sender
+when a receive is posted). Receivers on sockets and NCCL read the header first, then the rows it
+announces; on gloo a receive takes a message of any size up to the buffer's.
 
 Every wait has a timeout (`GroupSpec.timeout_s`); a member that dies closes its sockets, so its
 peers fail at once ("connection closed by peer") rather than at the timeout. A member that fails
@@ -40,12 +45,13 @@ import torch
 import torch.distributed as dist
 
 from deployments.engine.experts import ExpertBackendNotReady, ExpertBackendUnavailable
+from deployments.socket_mesh import SocketMesh
 
 log = logging.getLogger(__name__)
 
 HEADER = 4  # int64: rows, layer, step number, micro-batch
 REQUEST_TAG = 0  # replica -> shard messages (in the group's order); replies are tagged with their micro-batch
-BEGIN_TAG = 7  # the step-begin flags (gloo)
+BEGIN_TAG = 7  # the step-begin flags (gloo, sockets)
 IDS_DTYPE = torch.int32
 SCORES_DTYPE = torch.float32
 _ALIGN = 16
@@ -100,7 +106,7 @@ class GroupSpec:
     dtype: torch.dtype  # the hidden states' (the engines' model dtype)
     micro_batches: int = 1
     timeout_s: float = 30.0
-    backend: str = "gloo"
+    backend: str = "socket"  # socket | gloo | nccl (the module's docstring)
 
     @property
     def world_size(self) -> int:
@@ -207,27 +213,35 @@ class ExpertGroup:
         self.num_replicas = len(spec.replicas)
         self.steps = 0  # group steps begun (every member counts the same)
         self.active: list[int] = []  # replica indices taking part in the current step
+        self.pg = None  # torch.distributed backends (gloo, NCCL)
+        self.mesh: SocketMesh | None = None  # the socket backend
         timeout = _timedelta(spec.timeout_s)
         t0 = time.perf_counter()
         try:
             store = dist.TCPStore(spec.host, spec.port, is_master=False, timeout=timeout, wait_for_workers=False)
-            self._arrive(store)
             prefixed = dist.PrefixStore(f"herd-expert-group/{spec.generation}/", store)
-            if spec.backend == "nccl":
+            if spec.backend == "socket":
+                self.mesh = SocketMesh(prefixed, rank, spec.world_size, spec.micro_batches, spec.timeout_s, spec.host)
+            self._arrive(store)
+            if self.mesh is not None:
+                self.mesh.connect()
+            elif spec.backend == "nccl":
                 options = dist.ProcessGroupNCCL.Options()
                 options._timeout = timeout
                 self.pg = dist.ProcessGroupNCCL(prefixed, rank, spec.world_size, options)
             else:
                 self.pg = dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timeout)
             self._store = store
-            # gloo connects every pair here; a first all-reduce makes sure everyone did
-            self._wait(self.pg.allreduce([torch.zeros(1, device=self.device)]), "forming the group")
-        except (RuntimeError, dist.DistError) as e:
-            self.pg = None  # type: ignore[assignment]
+            if self.pg is not None:  # gloo connects every pair here; a first all-reduce makes sure everyone did
+                self._wait(self.pg.allreduce([torch.zeros(1, device=self.device)]), "forming the group")
+        except (RuntimeError, dist.DistError, OSError) as e:
+            self.close()
+            if isinstance(e, GroupSuperseded):
+                raise
             raise GroupError(f"expert group generation {spec.generation}: rank {rank} could not join "
                              f"({spec.world_size} members, store {spec.host}:{spec.port}): {e}") from e
-        log.info("expert group generation %d formed: rank %d of %d in %.2f s", spec.generation, rank,
-                 spec.world_size, time.perf_counter() - t0)
+        log.info("expert group generation %d formed (%s): rank %d of %d in %.2f s", spec.generation, spec.backend,
+                 rank, spec.world_size, time.perf_counter() - t0)
 
     def _arrive(self, store) -> None:
         """Wait until every member arrived at this generation; give up at once when the pool has
@@ -258,14 +272,14 @@ class ExpertGroup:
     def begin(self, active: bool = False, reform: bool = False) -> tuple[list[int], bool]:
         """Start a group step: (indices of the replicas taking part, whether to leave for a new generation).
 
-        On gloo every member sends its flags to every other member and sums what it receives: one hop
-        (an all-reduce is a ring of 2 x (members - 1) hops plus a hand-off to the group's worker thread)."""
+        On gloo and sockets every member sends its flags to every other member and sums what it
+        receives: one hop (an all-reduce is a ring of 2 x (members - 1) hops)."""
         flags = [0] * (self.num_replicas + 1)
         if self.rank >= len(self.spec.shards) and active:
             flags[self.rank - len(self.spec.shards)] = 1
         if reform:
             flags[-1] = 1
-        if self.spec.backend == "gloo":
+        if self.spec.backend != "nccl":
             mine = torch.tensor(flags, dtype=torch.int64)
             peers = [r for r in range(self.spec.world_size) if r != self.rank]
             theirs = torch.zeros(self.spec.world_size, len(flags), dtype=torch.int64)
@@ -283,12 +297,16 @@ class ExpertGroup:
 
     def send(self, t: torch.Tensor, dst: int, tag: int):
         try:
+            if self.mesh is not None:
+                return self.mesh.send(t, dst, tag)
             return self.pg.send([t], dst, tag)
         except (RuntimeError, dist.DistError) as e:
             raise GroupError(f"expert group generation {self.spec.generation}: send to rank {dst}: {e}") from e
 
     def recv(self, t: torch.Tensor, src: int, tag: int):
         try:
+            if self.mesh is not None:
+                return self.mesh.recv(t, src, tag)
             return self.pg.recv([t], src, tag)
         except (RuntimeError, dist.DistError) as e:
             raise GroupError(f"expert group generation {self.spec.generation}: receive from rank {src}: {e}") from e
@@ -303,6 +321,9 @@ class ExpertGroup:
         if error is not None:
             drop_frames(error)
         self.pg = None
+        if self.mesh is not None:
+            self.mesh.close()
+            self.mesh = None
 
 
 @dataclass
@@ -402,7 +423,7 @@ def _receive(group: ExpertGroup, sources: list[tuple[Message, int]], layer, stat
              posted: list | None = None) -> None:
     """One message from each replica index in `sources` into its buffer (posted at once, then waited
     for); `posted`: their gloo receives, already posted (`_post_receives`)."""
-    if group.spec.backend == "nccl":  # NCCL receives need the exact size: the header first, then the rows
+    if group.spec.backend != "gloo":  # NCCL and sockets receive exact sizes: the header first, then the rows
         first_replica = len(group.spec.shards)
         stats.messages += len(sources)
         for msg, r in sources:

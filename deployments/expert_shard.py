@@ -230,7 +230,7 @@ class ExpertPool:
             generation=self.generation, host=self.host, port=self.store.port, shards=tuple(self.ranges),
             replicas=tuple(self.members), moe_layers=self.moe_layers, hidden_size=self.hidden_size, top_k=self.top_k,
             capacity=max(c for _, c in self.members.values()), dtype=self.dtype, micro_batches=e.micro_batches,
-            timeout_s=e.group_timeout_s, backend="nccl" if e.num_gpus_per_shard > 0 else "gloo")
+            timeout_s=e.group_timeout_s, backend="nccl" if e.num_gpus_per_shard > 0 else e.cpu_group_backend)
         publish_generation(self.store, spec.generation)  # members still forming an older one give up
         ray.get([s.join_group.remote(spec, rank) for rank, s in enumerate(self.shards)], timeout=e.group_timeout_s)
         self.spec = spec

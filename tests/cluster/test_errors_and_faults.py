@@ -1,6 +1,6 @@
 """Bad input on both APIs gets INVALID_ARGUMENT / HTTP 4xx with a message and never hurts a
 replica. Two router-service replicas and two expert shards form one expert group (collective
-transport, gloo): concurrent requests on both replicas give the colocated tokens and the shards run
+transport, sockets): concurrent requests on both replicas give the colocated tokens and the shards run
 union batches; a shard killed mid-step fails that step's requests with UNAVAILABLE within 5 s (killed
 between steps, the requests wait for it), restarts, the group re-forms and later requests give the
 colocated tokens again; a killed
@@ -168,6 +168,7 @@ def test_killed_shard_fails_fast_then_recovers(sharded):
     thread.start()
     assert started.wait(60)
     pid = ray.get(shard.info.remote())["pid"]  # same machine
+    generation = ray.get(pool().group.remote())["generation"]  # before the kill: the replicas re-join at once
     ray.kill(shard, no_restart=False)
     while True:  # the time of death (ray.kill reaches the process late on a loaded machine)
         try:
@@ -176,7 +177,6 @@ def test_killed_shard_fails_fast_then_recovers(sharded):
             break
         time.sleep(0.01)
     killed = time.perf_counter()
-    generation = ray.get(pool().group.remote())["generation"]
     thread.join(120)
     assert not thread.is_alive(), "the stream hung on the dead shard"
     # The kill caught the step in flight (almost always): the stream fails at once with UNAVAILABLE.

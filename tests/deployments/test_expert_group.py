@@ -1,5 +1,6 @@
-"""The expert group on real gloo process groups, without Ray: two engine replicas and two expert
-shards (threads of this process, each its own group member over TCP) in fp32. Concurrent greedy
+"""The expert group on its real CPU backends (TCP sockets, and a gloo process group), without Ray:
+two engine replicas and two expert shards (threads of this process, each its own group member over
+TCP) in fp32. Concurrent greedy
 requests on both replicas give the colocated tokens, with one micro-batch and with two; the shards
 run union batches; a member that leaves fails the others fast instead of hanging them."""
 
@@ -42,13 +43,15 @@ def colocated(checkpoint):
 class Group:
     """A rendezvous store, a spec and two shard threads serving it."""
 
-    def __init__(self, checkpoint, micro_batches: int, generation: int = 1, replicas: tuple[str, ...] = ("a", "b")):
+    def __init__(self, checkpoint, micro_batches: int, generation: int = 1, replicas: tuple[str, ...] = ("a", "b"),
+                 backend: str = "socket"):
         self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         text = load(checkpoint, experts=range(0, 0)).cfg.text
         self.spec = GroupSpec(generation=generation, host="127.0.0.1", port=self.store.port, shards=((0, 2), (2, 4)),
                               replicas=replicas, moe_layers=tuple(text.moe_layers), hidden_size=text.hidden_size,
                               top_k=text.num_experts_per_tok, capacity=ENGINE.max_num_batched_tokens,
-                              dtype=torch.float32, micro_batches=micro_batches, timeout_s=20)
+                              dtype=torch.float32, micro_batches=micro_batches, timeout_s=20,
+                              backend=backend)
         self.stats = [ShardStats(), ShardStats()]
         self.ended: list[str | None] = [None, None]
         self.threads = [threading.Thread(target=self._shard, args=(rank, load_expert_shard(checkpoint, range(*r))),
@@ -65,9 +68,10 @@ class Group:
                       experts=backend), backend
 
 
+@pytest.mark.parametrize("backend", ["socket", "gloo"])
 @pytest.mark.parametrize("micro_batches", [1, 2])
-def test_two_replicas_two_shards_equal_colocated_with_union_batches(checkpoint, colocated, micro_batches):
-    group = Group(checkpoint, micro_batches)
+def test_two_replicas_two_shards_equal_colocated_with_union_batches(checkpoint, colocated, micro_batches, backend):
+    group = Group(checkpoint, micro_batches, backend=backend)
     engines = {rid: group.replica(checkpoint, rid)[0] for rid in ("a", "b")}
     assert run_replicas(engines, PROMPTS, GREEDY) == colocated
     for stats in group.stats:  # both replicas' rows ran in one expert call
@@ -75,11 +79,12 @@ def test_two_replicas_two_shards_equal_colocated_with_union_batches(checkpoint, 
         assert stats.rows > 0 and stats.max_rows <= 2 * ENGINE.max_num_batched_tokens
 
 
-def test_a_member_leaving_fails_the_others_fast(checkpoint, colocated):
+@pytest.mark.parametrize("backend", ["socket", "gloo"])
+def test_a_member_leaving_fails_the_others_fast(checkpoint, colocated, backend):
     """Replica b leaves mid-run (its process would have died): replica a's step raises at once (no
     hang until the 20 s timeout; the group failed under its batch, or its next step cannot begin),
     and so do the shards."""
-    group = Group(checkpoint, 1)
+    group = Group(checkpoint, 1, backend=backend)
     (a, _backend_a), (b, backend_b) = group.replica(checkpoint, "a"), group.replica(checkpoint, "b")
     a.add_request(PROMPTS["a"][0], GREEDY)
     b.add_request(PROMPTS["b"][0], GREEDY)

@@ -49,6 +49,7 @@ applications:
       num_gpus_per_shard: {{ $v.experts.gpusPerShard }}
       quantization: {{ $v.experts.quantization | default "none" }}
       transport: {{ $v.experts.transport | default "collective" }}
+      cpu_group_backend: {{ $v.experts.cpuGroupBackend | default "socket" }}
       micro_batches: {{ int ($v.experts.microBatches | default 1) }}
       group_timeout_s: {{ $v.experts.groupTimeoutSeconds | default 30 }}
     engine:
