@@ -162,13 +162,14 @@ def ray_floor(shards: list[tuple], iters: int) -> float:
     return statistics.median(times)
 
 
-def gloo_floor(hidden: int, rounds: int) -> dict:
-    """Median gloo round trips of one decode row (bench/gloo_floor.py): 1 peer; 2 peers, one replying."""
+def group_floor(hidden: int, rounds: int, backend: str) -> dict:
+    """Median round trips of one decode row over the group's CPU `backend` (bench/group_floor.py): 1 peer;
+    2 peers, one replying."""
     from types import SimpleNamespace
 
-    from gloo_floor import run_mode
+    from group_floor import run_mode
 
-    opts = SimpleNamespace(rows=1, hidden=hidden, rounds=rounds, warmup=100, threads=1, pin=False)
+    opts = SimpleNamespace(rows=1, hidden=hidden, rounds=rounds, warmup=100, threads=1, pin=False, backend=backend)
     return {name: statistics.median(run_mode(opts, peers, replying, False)["rounds"])
             for name, peers, replying in (("1 peer", 1, [1]), ("2 peers, one replies", 2, [1]))}
 
@@ -239,7 +240,7 @@ def run(args, path: Path, dtype: torch.dtype) -> None:
         backends["ray"] = AllLayers(ShardedExperts(shards, timeout_s=600), False)
 
     floor = ray_floor(shards, max(50, args.iters // 2))
-    args.gloo_floor = gloo_floor(text.hidden_size, max(500, 5 * args.iters))
+    args.group_floor = group_floor(text.hidden_size, max(500, 5 * args.iters), args.cpu_group_backend)
     layer_rows = []
     for batch in args.batches:
         print(f"(a) {len(moe_layers)} MoE layers, batch {batch}: {args.warmup} + {args.iters} steps per backend",
@@ -291,8 +292,8 @@ def report(args, text, dtype, num_moe, floor, layer_rows, decode_rows) -> None:
           f"{dtype}; {args.num_shards} shards x {args.cpus_per_shard:g} CPU; torch threads here "
           f"{torch.get_num_threads()}; load average (1 min) {os.getloadavg()[0]:.1f} now")
     print(f"  Ray actor round trip (no-op call to a shard), median: {1e3 * floor:.3f} ms")
-    print("  gloo round trip of one row, no experts (bench/gloo_floor.py), median: "
-          + "; ".join(f"{name} {1e3 * t:.3f} ms" for name, t in args.gloo_floor.items()))
+    print(f"  {args.cpu_group_backend} round trip of one row, no experts (bench/group_floor.py), median: "
+          + "; ".join(f"{name} {1e3 * t:.3f} ms" for name, t in args.group_floor.items()))
     print(f"\n(a) routed experts of all {num_moe} MoE layers of a step, ms per MoE layer (median / p90 over "
           f"{args.iters} steps after {args.warmup} warm-up); overhead = sharded - colocated")
     names = list(layer_rows[0][1]["times"]) if layer_rows else []

@@ -8,7 +8,7 @@ one sitting (the code of the current directory is imported):
     (cd /work/main && python /path/to/bench/exchange_bench.py --batch 1)
 
 `bench/dispatch_bench.py` measures the same through the production `ExpertPool` on Ray, and
-engine decode; `bench/gloo_floor.py` the gloo round trip alone.
+engine decode; `bench/group_floor.py` the round trip alone.
 """
 
 # ruff: noqa: E402 (torch is imported after the OpenMP environment is set: libgomp reads it when it loads)

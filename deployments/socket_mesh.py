@@ -23,6 +23,7 @@ reading from one fails at once (end of stream) rather than at the timeout.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import socket
 import struct
 import time
@@ -37,10 +38,13 @@ class LinkError(RuntimeError):
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of contiguous CPU tensor `t` (shared, not copied)."""
+    """The bytes of contiguous CPU tensor `t`, shared, not copied: valid while `t` lives. Made with
+    ctypes from the data pointer (~0.7 us; through `.view(torch.uint8).numpy()` ~3-5 us, and a batch-1
+    exchange makes four of them per shard)."""
     if t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError("the socket backend moves contiguous CPU tensors only")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())) if n else memoryview(b"")
 
 
 def local_address(peer_host: str) -> str:

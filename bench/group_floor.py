@@ -1,6 +1,7 @@
-"""The floor of an expert-group exchange on this machine: gloo send/recv round trips between one
-"replica" process and 1 or 2 "shard" processes, with nothing else in the loop (no experts, no Ray,
-no engine), and the step-begin all-reduce.
+"""The floor of an expert-group exchange on this machine: send/recv round trips between one
+"replica" process and 1 or 2 "shard" processes over the group's CPU backends (`socket`:
+deployments/socket_mesh.py; `gloo`: a torch.distributed gloo group), with nothing else in the loop
+(no experts, no Ray, no engine), and gloo's all-reduce.
 
 Each round the replica sends each shard one packed message the size of a decode row of the expert
 group's wire format (`deployments/expert_group.py`: a 32-byte header, `rows x hidden` hidden states
@@ -12,10 +13,10 @@ are posted before any wait, as the expert group does. Modes:
 - `2 peers, both reply`: two shards, each gets rows and replies;
 - `2 peers, one replies`: two shards, one gets rows and replies, the other gets a header only (what a
   batch-1 step of the expert group does with top-1 routing: one shard owns the expert hit);
-- `allreduce x3`: the step-begin all-reduce of 3 int64 among the 3 processes.
+- `allreduce x3` (gloo): an all-reduce of 3 int64 among the 3 processes.
 
-    python bench/gloo_floor.py                  # 1 row of width 256 (small-scout), 2000 rounds each
-    python bench/gloo_floor.py --pin            # each process on its own core (os.sched_setaffinity)
+    python bench/group_floor.py                 # both backends, 1 row of width 256 (small-scout), 2000 rounds each
+    python bench/group_floor.py --pin           # each process on its own core (os.sched_setaffinity)
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HEADER_BYTES = 32
 
@@ -44,8 +48,29 @@ def _pin(rank: int, pin: bool) -> None:
         os.sched_setaffinity(0, {cores[rank % len(cores)]})
 
 
-def _group(rank: int, world: int, port: int) -> dist.ProcessGroupGloo:
+class _Mesh:
+    """A `SocketMesh` behind the process group's send/recv calls."""
+
+    def __init__(self, store, rank: int, world: int):
+        from deployments.socket_mesh import SocketMesh
+
+        self.mesh = SocketMesh(store, rank, world, 1, 60, "127.0.0.1")
+        store.add("addressed", 1)
+        while store.add("addressed", 0) < world:
+            time.sleep(0.001)
+        self.mesh.connect()
+
+    def send(self, tensors, dst: int, tag: int):
+        return self.mesh.send(tensors[0], dst, tag)
+
+    def recv(self, tensors, src: int, tag: int):
+        return self.mesh.recv(tensors[0], src, tag)
+
+
+def _group(rank: int, world: int, port: int, backend: str):
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=datetime.timedelta(seconds=60))
+    if backend == "socket":
+        return _Mesh(store, rank, world)
     pg = dist.ProcessGroupGloo(store, rank, world, datetime.timedelta(seconds=60))
     pg.allreduce([torch.zeros(1)]).wait()
     return pg
@@ -54,13 +79,19 @@ def _group(rank: int, world: int, port: int) -> dist.ProcessGroupGloo:
 def _shard(rank: int, world: int, port: int, args, replies: bool) -> None:
     torch.set_num_threads(1)
     _pin(rank, args.pin)
-    pg = _group(rank, world, port)
+    pg = _group(rank, world, port, args.backend)
     req = torch.empty(_request_bytes(args.rows, args.hidden), dtype=torch.uint8)
     out = torch.zeros(args.rows, args.hidden)
     for mode in args.modes_for_run:
         while True:
-            pg.recv([req], 0, 0).wait()
-            n = int(req[:8].view(torch.int64)[0])
+            if args.backend == "socket":  # exact-size receives: the header, then the rows it announces
+                pg.recv([req[:HEADER_BYTES]], 0, 0).wait()
+                n = int(req[:8].view(torch.int64)[0])
+                if n > 0:
+                    pg.recv([req[HEADER_BYTES:]], 0, 0).wait()
+            else:
+                pg.recv([req], 0, 0).wait()
+                n = int(req[:8].view(torch.int64)[0])
             if n < 0:  # end of this mode
                 break
             if n and replies:
@@ -74,7 +105,7 @@ def _shard(rank: int, world: int, port: int, args, replies: bool) -> None:
 def _replica(world: int, port: int, args, replying: list[int], queue) -> None:
     torch.set_num_threads(args.threads)
     _pin(0, args.pin)
-    pg = _group(0, world, port)
+    pg = _group(0, world, port, args.backend)
     shards = list(range(1, world))
     req = torch.zeros(_request_bytes(args.rows, args.hidden), dtype=torch.uint8)
     head = torch.zeros(HEADER_BYTES, dtype=torch.uint8)
@@ -144,19 +175,22 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the replica process (default 1)")
     ap.add_argument("--pin", action="store_true", help="pin process i to core i mod cores (sched_setaffinity)")
+    ap.add_argument("--backends", nargs="+", choices=["socket", "gloo"], default=["socket", "gloo"])
     args = ap.parse_args()
-    print(f"gloo round trips: {args.rows} row(s) x {args.hidden} fp32 "
+    print(f"round trips: {args.rows} row(s) x {args.hidden} fp32 "
           f"({_request_bytes(args.rows, args.hidden)} B out, {args.rows * args.hidden * 4} B back per replying "
           f"peer); {os.cpu_count()} CPUs; pinned: {args.pin}; load average (1 min) {os.getloadavg()[0]:.1f}",
           flush=True)
-    print(f"  {'mode':24s} {'p50 / p90 ms':>17s}")
-    for name, peers, replying, allreduce in [("1 peer", 1, [1], False),
-                                             ("2 peers, both reply", 2, [1, 2], False),
-                                             ("2 peers, one replies", 2, [1], True)]:
-        r = run_mode(args, peers, replying, allreduce)
-        print(f"  {name:24s} {summary(r['rounds'])}", flush=True)
-        if "allreduce" in r:
-            print(f"  {'allreduce x3 (3 int64)':24s} {summary(r['allreduce'])}", flush=True)
+    print(f"  {'backend':8s} {'mode':24s} {'p50 / p90 ms':>17s}")
+    for backend in args.backends:
+        args.backend = backend
+        for name, peers, replying, allreduce in [("1 peer", 1, [1], False),
+                                                 ("2 peers, both reply", 2, [1, 2], False),
+                                                 ("2 peers, one replies", 2, [1], backend == "gloo")]:
+            r = run_mode(args, peers, replying, allreduce)
+            print(f"  {backend:8s} {name:24s} {summary(r['rounds'])}", flush=True)
+            if "allreduce" in r:
+                print(f"  {backend:8s} {'allreduce x3 (3 int64)':24s} {summary(r['allreduce'])}", flush=True)
     print(f"  load average (1 min) {os.getloadavg()[0]:.1f} at the end", file=sys.stderr)
 
 
