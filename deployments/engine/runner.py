@@ -25,6 +25,7 @@ from deployments.engine.compile import StepCompiler, opaque
 from deployments.engine.experts import ExpertBackend
 from deployments.engine.kv_cache import KVCache
 from deployments.engine.kv_manager import KVManager
+from deployments.engine.openmp import use_one_openmp_thread
 from deployments.engine.scheduler import ScheduledChunk
 from deployments.engine.step_inputs import StepBatch, StepInputs
 from model.llama4 import Llama4
@@ -81,7 +82,11 @@ class ModelRunner:
             if self._count_lock is None:
                 self._count_lock = threading.Lock()
             if self._helper is None:
-                self._helper = ThreadPoolExecutor(max_workers=len(parts) - 1, thread_name_prefix="herd-microbatch")
+                # on the CPU the helper makes no OpenMP team: one would slow every thread's parallel ops
+                # (deployments/engine/openmp.py)
+                self._helper = ThreadPoolExecutor(
+                    max_workers=len(parts) - 1, thread_name_prefix="herd-microbatch",
+                    initializer=use_one_openmp_thread if self.device.type == "cpu" else None)
             futures = [self._helper.submit(self._micro_batch, i, part) for i, part in enumerate(parts) if i]
             logits: list[torch.Tensor | None] = []
             error: BaseException | None = None
