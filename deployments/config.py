@@ -44,7 +44,7 @@ class ExpertsConfig(_Frozen):
     cpu_group_backend: Literal["socket", "gloo"] = Field(
         "socket", description="collective, shards without GPUs (with GPUs: NCCL): how the group's messages move. "
         "socket: a TCP connection between every two members, read and written by the threads that wait (a decode "
-        "row's round trip ~10x faster than gloo's); gloo: torch.distributed's gloo group (the NCCL code path)")
+        "row's round trip 2-3x faster than gloo's); gloo: torch.distributed's gloo group (the NCCL code path)")
     micro_batches: int = Field(1, ge=1, le=2, description="collective: split each step in this many micro-batches "
                                "(2: one's attention runs while the other's experts do)")
     group_timeout_s: float = Field(30.0, gt=0, description="collective: timeout of every wait in the expert group "

@@ -1,8 +1,8 @@
 """The expert group: M router-service (engine) replicas and N expert shards stepping in lockstep,
 their messages over one of three backends: `socket` (TCP connections between every pair of
 members, deployments/socket_mesh.py: the CPU's), `nccl` (a `torch.distributed` NCCL group: GPUs')
-or `gloo` (a `torch.distributed` gloo group: the NCCL code path on the CPU, ~10x the socket
-backend's latency per message). No tensor goes through Ray.
+or `gloo` (a `torch.distributed` gloo group: the NCCL code path on the CPU, 2-3x the socket
+backend's round trip). No tensor goes through Ray.
 
 Ranks: shards 0..N-1, replicas N..N+M-1. The `ExpertPool` actor (deployments/expert_shard.py) hosts
 the rendezvous `TCPStore`, hands out the `GroupSpec` (ranks, address, generation, backend) and makes

@@ -3,8 +3,9 @@ pair of members (the `socket` backend of deployments/expert_group.py, its defaul
 
 Why not gloo on the CPU: a gloo send/recv is a rendezvous (the receiver tells the sender its receive
 is posted) handed to gloo's own I/O thread, which then wakes the waiting thread: a round trip
-replica -> shard -> replica of one decode row took 0.23 ms here, the same bytes over a TCP socket
-read and written by the waiting threads themselves 0.026 ms (bench/RESULTS.md, "MoE dispatch").
+replica -> two shards (one replying) of one decode row took 0.21-0.29 ms on the 2-core CPU, the same
+bytes over TCP sockets read and written by the waiting threads themselves 0.08-0.10 ms
+(bench/group_floor.py; bench/RESULTS.md, "MoE dispatch").
 A message here is one `sendall` of its bytes; a receive reads exactly the bytes of the tensor it
 fills, so a receiver of variable-size messages reads a header first (as on NCCL).
 

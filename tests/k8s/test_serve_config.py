@@ -84,6 +84,7 @@ def test_default_profile_uses_the_collective_expert_group(renders):
     experts = HerdConfig.model_validate(args).experts
     assert (experts.mode, experts.transport, experts.micro_batches, experts.group_timeout_s) == \
         ("sharded", "collective", 1, 30)
+    assert args["experts"]["cpu_group_backend"] == experts.cpu_group_backend == "socket"  # rendered, and accepted
 
 
 @pytest.mark.parametrize("case", ["default", "single-gpu", "multinode"])
