@@ -1,8 +1,8 @@
 """The expert group on its real CPU backends (TCP sockets, and a gloo process group), without Ray:
 two engine replicas and two expert shards (threads of this process, each its own group member over
-TCP) in fp32. Concurrent greedy
-requests on both replicas give the colocated tokens, with one micro-batch and with two; the shards
-run union batches; a member that leaves fails the others fast instead of hanging them."""
+TCP) in fp32 and bf16. Concurrent greedy requests on both replicas give the colocated tokens, with
+one micro-batch and with two; the shards run union batches; a member that leaves fails the others
+fast instead of hanging them."""
 
 from __future__ import annotations
 
@@ -40,21 +40,28 @@ def colocated(checkpoint):
     return {rid: [c.token_ids for c in engine.generate(p, GREEDY)] for rid, p in PROMPTS.items()}
 
 
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    return top2_tiny_scout(tmp_path_factory.mktemp("tiny-scout-top2-bf16"), torch.bfloat16)
+
+
 class Group:
     """A rendezvous store, a spec and two shard threads serving it."""
 
     def __init__(self, checkpoint, micro_batches: int, generation: int = 1, replicas: tuple[str, ...] = ("a", "b"),
-                 backend: str = "socket"):
+                 backend: str = "socket", dtype: torch.dtype = torch.float32):
         self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        self.dtype = dtype
         text = load(checkpoint, experts=range(0, 0)).cfg.text
         self.spec = GroupSpec(generation=generation, host="127.0.0.1", port=self.store.port, shards=((0, 2), (2, 4)),
                               replicas=replicas, moe_layers=tuple(text.moe_layers), hidden_size=text.hidden_size,
                               top_k=text.num_experts_per_tok, capacity=ENGINE.max_num_batched_tokens,
-                              dtype=torch.float32, micro_batches=micro_batches, timeout_s=20,
+                              dtype=dtype, micro_batches=micro_batches, timeout_s=20,
                               backend=backend)
         self.stats = [ShardStats(), ShardStats()]
         self.ended: list[str | None] = [None, None]
-        self.threads = [threading.Thread(target=self._shard, args=(rank, load_expert_shard(checkpoint, range(*r))),
+        self.threads = [threading.Thread(target=self._shard,
+                                         args=(rank, load_expert_shard(checkpoint, range(*r), dtype=dtype)),
                                          daemon=True) for rank, r in enumerate(self.spec.shards)]
         for t in self.threads:
             t.start()
@@ -64,8 +71,8 @@ class Group:
 
     def replica(self, checkpoint, rid: str) -> tuple[Engine, CollectiveExperts]:
         backend = CollectiveExperts(lambda after: self.spec, rid, idle_poll_s=0.005)
-        return Engine(load(checkpoint, experts=range(0, 0)), Tokenizer.from_dir(checkpoint), ENGINE,
-                      experts=backend), backend
+        return Engine(load(checkpoint, dtype=self.dtype, experts=range(0, 0)), Tokenizer.from_dir(checkpoint),
+                      ENGINE, experts=backend), backend
 
 
 @pytest.mark.parametrize("backend", ["socket", "gloo"])
@@ -77,6 +84,17 @@ def test_two_replicas_two_shards_equal_colocated_with_union_batches(checkpoint, 
     for stats in group.stats:  # both replicas' rows ran in one expert call
         assert stats.union_calls > 0 and stats.max_replicas == 2
         assert stats.rows > 0 and stats.max_rows <= 2 * ENGINE.max_num_batched_tokens
+
+
+@pytest.mark.parametrize("backend", ["socket", "gloo"])
+def test_bf16_two_replicas_equal_colocated(bf16_checkpoint, backend):
+    """bf16 rows (two bytes per value, no numpy dtype) over each backend: the colocated bf16 tokens."""
+    engine = Engine(load(bf16_checkpoint, dtype=torch.bfloat16), Tokenizer.from_dir(bf16_checkpoint), ENGINE)
+    want = {rid: [c.token_ids for c in engine.generate(p, GREEDY)] for rid, p in PROMPTS.items()}
+    group = Group(bf16_checkpoint, 1, backend=backend, dtype=torch.bfloat16)
+    engines = {rid: group.replica(bf16_checkpoint, rid)[0] for rid in ("a", "b")}
+    assert run_replicas(engines, PROMPTS, GREEDY) == want
+    assert all(stats.union_calls > 0 for stats in group.stats)
 
 
 @pytest.mark.parametrize("backend", ["socket", "gloo"])
