@@ -9,42 +9,16 @@ had run one step, the colocated engine in the same process decoded at ~380 token
 instead of ~1,050, until that thread ended. The helper's team size is per thread (the OpenMP
 `nthreads-var` of the calling thread): set to 1, it makes no team, and the process's other threads
 keep theirs. PyTorch's `torch.set_num_threads` would not do: it also sets MKL's threads for the
-whole process.
+whole process. threadpoolctl finds the OpenMP runtimes the process loaded (torch's bundled libgomp
+among them) and sets the calling thread's team size in each.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import logging
-import os
-
-log = logging.getLogger(__name__)
-
-OPENMP_RUNTIMES = ("libgomp", "libiomp5", "libomp")
-
-
-@functools.cache
-def _runtimes() -> tuple[ctypes.CDLL, ...]:
-    """The OpenMP runtimes loaded in this process (torch's bundled copy, and any other)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/" in line}
-    except OSError:  # not Linux
-        return ()
-    found = []
-    for path in sorted(paths):
-        if os.path.basename(path).startswith(OPENMP_RUNTIMES):
-            lib = ctypes.CDLL(path)  # already loaded: the same library, not a second copy
-            if hasattr(lib, "omp_set_num_threads"):
-                found.append(lib)
-    return tuple(found)
-
 
 def use_one_openmp_thread() -> None:
-    """Make the calling thread's parallel regions run on that thread alone (no OpenMP team)."""
-    runtimes = _runtimes()
-    if not runtimes:
-        log.debug("no OpenMP runtime loaded: nothing to limit")
-    for lib in runtimes:
-        lib.omp_set_num_threads(1)
+    """Make the calling thread's parallel regions run on that thread alone (no OpenMP team). Stays
+    set for the thread's life (threadpoolctl's limits, not used as a context manager)."""
+    from threadpoolctl import threadpool_limits  # here: only CPU engines call it (the GPU image lacks it)
+
+    threadpool_limits(limits=1, user_api="openmp")
