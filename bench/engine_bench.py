@@ -43,10 +43,10 @@ from deployments.engine.attention import ATTENTION_BACKENDS
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
+from deployments.engine.step_ops import profile_step  # the structure tests' op counter
 from model.device import default_dtype
 from model.expert_kernel import EXPERT_KERNELS
 from model.synth import synthesize
-from tests.deployments.engine.step_ops import profile_step  # the structure tests' op counter
 
 PATHS: dict[str, dict] = {
     "reference": {"attention_backend": "reference", "expert_kernel": "reference"},

@@ -13,7 +13,7 @@ import pytest
 from deployments.engine.config import EngineConfig
 from deployments.engine.engine import Engine
 from deployments.engine.params import SamplingParams
-from tests.deployments.engine.step_ops import StepOps, profile_step
+from deployments.engine.step_ops import StepOps, profile_step
 
 
 def decode_step(path, kernel: str, batch: int, attention: str = "reference") -> tuple[StepOps, Engine]:

@@ -1,4 +1,5 @@
-"""Counting what one engine step runs, with torch.profiler on the CPU (the structure tests' helper).
+"""Counting what one engine step runs, with torch.profiler on the CPU (for the structure tests and
+bench/engine_bench.py).
 
 `profile_step(engine)` runs `engine.step()` once and returns `StepOps`: the aten ops called from
 Python (top level: an op not nested in another aten op), every aten op, the calls into compiled
