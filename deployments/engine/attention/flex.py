@@ -83,8 +83,8 @@ class FlexLayout:
     tok_win: torch.Tensor  # [T_pad] first position the token may see
     ring: torch.Tensor  # [T_pad, W] physical block of logical block b at b % W (num_blocks = empty)
     ring_logical: torch.Tensor  # [T_pad, W] the logical block index of each ring cell
-    kv_num: torch.Tensor  # [Q] KV blocks listed per query block
-    kv_idx: torch.Tensor  # [Q, M] the listed physical blocks
+    kv_num: torch.Tensor | None  # [Q] KV blocks listed per query block (None in a `decode` layout)
+    kv_idx: torch.Tensor | None  # [Q, M] the listed physical blocks (None in a `decode` layout)
     logical_of: torch.Tensor  # [num_blocks + 1] logical block index of each physical block in use
     tokens_per_qblock: int
     block_size: int
@@ -94,6 +94,8 @@ class FlexLayout:
     def block_mask(self, group_size: int) -> BlockMask:
         """The block mask for `group_size` query heads per KV head (built once per step and group)."""
         if group_size not in self._masks:
+            if self.kv_num is None or self.kv_idx is None:
+                raise ValueError("a decode layout (ring_decode) lists no KV blocks: it has no block mask")
             t_pad, width = self.ring.shape
             num_slots = (self.logical_of.numel() - 1) * self.block_size
             self._masks[group_size] = BlockMask.from_kv_blocks(
@@ -161,10 +163,11 @@ class FlexBackend:
         seq_of = np.repeat(np.arange(num_seqs), span)
         logical = np.arange(len(phys)) - np.repeat(np.cumsum(span) - span, span) + np.repeat(lo, span)
 
-        # one int32 host buffer, one copy to the device
+        # one int32 host buffer, one copy to the device; `ring_decode` reads no block list
         sizes = {"tok_seq": t_pad, "tok_pos": t_pad, "tok_win": t_pad, "ring": t_pad * width,
-                 "ring_logical": t_pad * width, "slots": num_tokens, "kv_num": num_qblocks,
-                 "kv_idx": num_qblocks * max_listed + tail}
+                 "ring_logical": t_pad * width, "slots": num_tokens}
+        if not decode:
+            sizes.update(kv_num=num_qblocks, kv_idx=num_qblocks * max_listed + tail)
         host = self._host_buffer(sum(sizes.values()))
         views, offset = {}, 0
         for name, n in sizes.items():
@@ -188,28 +191,29 @@ class FlexBackend:
         views["tok_win"][:num_tokens] = tok_win
         views["slots"][:] = ring[tok_seq, (tok_pos // bs) % width] * bs + tok_pos % bs
 
-        # the KV blocks each query block visits: per (query block, sequence) the union of its
-        # tokens' windows, deduplicated per query block (sequences may share prefix blocks)
-        qblock = np.arange(num_tokens) // tpq
-        key = qblock * num_seqs + tok_seq
-        seg = np.flatnonzero(np.diff(key, prepend=-1))
-        seg_lo = np.minimum.reduceat(tok_win // bs, seg)
-        seg_hi = np.maximum.reduceat(tok_pos // bs, seg)
-        seg_len = seg_hi - seg_lo + 1
-        rep = np.repeat(np.arange(len(seg)), seg_len)
-        blk_logical = np.arange(int(seg_len.sum())) - np.repeat(np.cumsum(seg_len) - seg_len, seg_len) + seg_lo[rep]
-        blk_q = qblock[seg][rep]
-        blk_phys = ring[tok_seq[seg][rep], blk_logical % width].astype(np.int64)
-        keep = blk_phys < nb
-        blk_q, blk_phys = blk_q[keep], blk_phys[keep]
-        if tpq > 1:
-            unique = np.unique(blk_q * nb + blk_phys)
-            blk_q, blk_phys = unique // nb, unique % nb
-        kv_num = np.bincount(blk_q, minlength=num_qblocks)
-        views["kv_num"][:] = kv_num
-        kv_idx = views["kv_idx"][: num_qblocks * max_listed].reshape(num_qblocks, max_listed)
-        kv_idx[:] = 0
-        kv_idx[blk_q, np.arange(len(blk_q)) - np.repeat(np.cumsum(kv_num) - kv_num, kv_num)] = blk_phys
+        if not decode:  # the block list of flex's block mask
+            # the KV blocks each query block visits: per (query block, sequence) the union of its
+            # tokens' windows, deduplicated per query block (sequences may share prefix blocks)
+            qblock = np.arange(num_tokens) // tpq
+            key = qblock * num_seqs + tok_seq
+            seg = np.flatnonzero(np.diff(key, prepend=-1))
+            seg_lo = np.minimum.reduceat(tok_win // bs, seg)
+            seg_hi = np.maximum.reduceat(tok_pos // bs, seg)
+            seg_len = seg_hi - seg_lo + 1
+            rep = np.repeat(np.arange(len(seg)), seg_len)
+            blk_logical = np.arange(int(seg_len.sum())) - np.repeat(np.cumsum(seg_len) - seg_len, seg_len) + seg_lo[rep]
+            blk_q = qblock[seg][rep]
+            blk_phys = ring[tok_seq[seg][rep], blk_logical % width].astype(np.int64)
+            keep = blk_phys < nb
+            blk_q, blk_phys = blk_q[keep], blk_phys[keep]
+            if tpq > 1:
+                unique = np.unique(blk_q * nb + blk_phys)
+                blk_q, blk_phys = unique // nb, unique % nb
+            kv_num = np.bincount(blk_q, minlength=num_qblocks)
+            views["kv_num"][:] = kv_num
+            kv_idx = views["kv_idx"][: num_qblocks * max_listed].reshape(num_qblocks, max_listed)
+            kv_idx[:] = 0
+            kv_idx[blk_q, np.arange(len(blk_q)) - np.repeat(np.cumsum(kv_num) - kv_num, kv_num)] = blk_phys
 
         dev = self._to_device(host)
         parts, offset = {}, 0
@@ -222,8 +226,9 @@ class FlexBackend:
         return FlexLayout(
             slots=parts["slots"], num_tokens=num_tokens, tok_seq=parts["tok_seq"], tok_pos=parts["tok_pos"],
             tok_win=parts["tok_win"], ring=ring_dev, ring_logical=ring_logical_dev,
-            kv_num=parts["kv_num"],
-            kv_idx=parts["kv_idx"].as_strided((num_qblocks, max_listed + tail), (max_listed, 1)), logical_of=logical_of,
+            kv_num=None if decode else parts["kv_num"],
+            kv_idx=None if decode else parts["kv_idx"].as_strided((num_qblocks, max_listed + tail), (max_listed, 1)),
+            logical_of=logical_of,
             tokens_per_qblock=tpq, block_size=bs, decode=decode,
         )
 
