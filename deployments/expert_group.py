@@ -427,7 +427,7 @@ def _receive(group: ExpertGroup, sources: list[tuple[Message, int]], layer, stat
         first_replica = len(group.spec.shards)
         stats.messages += len(sources)
         for msg, r in sources:
-            group.wait(group.recv(msg.buf[: HEADER * 8], first_replica + r, REQUEST_TAG), "header")
+            group.wait(group.recv(msg.header, first_replica + r, REQUEST_TAG), "header")
         works = []
         for msg, r in sources:
             n = msg.read_header()[0]

@@ -48,6 +48,17 @@ def _bytes(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())) if n else memoryview(b"")
 
 
+def _read_into(sock: socket.socket, view: memoryview) -> bool:
+    """Fill `view` from `sock`; False when the peer ended the stream first (timeouts and resets raise)."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
 def local_address(peer_host: str) -> str:
     """This machine's address on the interface that routes to `peer_host` (nothing is sent)."""
     family = socket.getaddrinfo(peer_host, 1, type=socket.SOCK_DGRAM)[0][0]
@@ -73,17 +84,14 @@ class _Receive:
         self.mesh, self.sock, self.view, self.peer = mesh, sock, _bytes(t), peer
 
     def wait(self, timeout=None) -> bool:
-        view, got = self.view, 0
-        while got < len(view):
-            try:
-                n = self.sock.recv_into(view[got:])
-            except TimeoutError as e:
-                raise LinkError(f"no message from rank {self.peer} within {self.mesh.timeout_s:g} s") from e
-            except OSError as e:
-                raise LinkError(f"receive from rank {self.peer}: {e}") from e
-            if n == 0:
-                raise LinkError(f"connection closed by rank {self.peer}")
-            got += n
+        try:
+            whole = _read_into(self.sock, self.view)
+        except TimeoutError as e:
+            raise LinkError(f"no message from rank {self.peer} within {self.mesh.timeout_s:g} s") from e
+        except OSError as e:
+            raise LinkError(f"receive from rank {self.peer}: {e}") from e
+        if not whole:
+            raise LinkError(f"connection closed by rank {self.peer}")
         return True
 
 
@@ -141,14 +149,10 @@ class SocketMesh:
     def _read_hello(self, s: socket.socket) -> tuple[int, int] | None:
         """(rank, channel) the connecting member names; None when it names nothing within a second."""
         buf = bytearray(_HELLO.size)
-        view, got = memoryview(buf), 0
         s.settimeout(min(1.0, self.timeout_s))
         try:
-            while got < len(buf):
-                n = s.recv_into(view[got:])
-                if n == 0:
-                    return None
-                got += n
+            if not _read_into(s, memoryview(buf)):
+                return None
         except OSError:  # timed out, or reset
             return None
         s.settimeout(self.timeout_s)
